@@ -1,0 +1,1 @@
+"""Data: the sample schema, shard writing and safe decoding, tokenisation, collation and DataModules."""
