@@ -1,0 +1,560 @@
+"""The shared LLaVA backbone: the only module that touches transformers' LLaVA classes and peft.
+
+Every algorithm (SFT, reward model, DPO, PPO) holds a ``Backbone`` built from a ``BackboneConfig``:
+
+* **load** a local checkpoint directory in the transformers LLaVA format (``checkpoint: /models/llava-1.5-7b-hf``);
+* **compose** a new LLaVA from a CLIP vision checkpoint and a Llama-family language checkpoint with a fresh
+  projector (``vision_checkpoint`` + ``language_checkpoint``; Vision-LLM-Alignment's way, SFT then trains the
+  projector);
+* or **build the embedded tiny default** offline (neither given): random init from ``TinySpec``, a byte-level
+  BPE tokenizer trained on the shapes world's text, a CLIP image processor and a LLaVA processor. No hub, no
+  network.
+
+It freezes per part (vision tower, projector, language model), puts LoRA through peft on chosen
+language-model layers only (a plain ``["q_proj", "v_proj"]`` target would also hit the CLIP tower), turns on
+gradient checkpointing and SDPA attention, and offers the pieces the algorithms compose:
+
+* ``encode_images(pixel_values) -> (n_images, image_tokens, hidden)``, computed once and reusable;
+* ``hidden_states(input_ids, attention_mask, position_ids, images) -> (batch, seq, hidden)``; the mask may be
+  2D padding ``(batch, seq)`` or a 4D boolean ``(batch, 1, seq, seq)`` (True = attend), used by DPO's packed
+  shared-prefix sequences;
+* ``token_logps(hidden, labels)``: log-probabilities of the label tokens computed from the hidden states at the
+  labelled positions only, so the vocabulary projection never runs over the image and prompt tokens;
+* ``generate(...)`` for data_prep and eval; ``export_adapter`` / ``export_merged`` (a merged checkpoint loads
+  with plain ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``).
+
+The model itself is built by ``build()`` (LightningModules call it from ``configure_model`` so that DeepSpeed
+ZeRO-3 can shard it while it is created); the processor is ready at construction, for the DataModule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.chat import LLAVA_CHAT_TEMPLATE, TINY_CHAT_TEMPLATE
+
+LANGUAGE_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA on the language model (peft). ``r = 0`` turns LoRA off (full fine-tuning of the unfrozen parts).
+
+    Args:
+        r: LoRA rank (SeVa 1024, SIMA 128, mllm-dpo 128).
+        alpha: LoRA scaling numerator (scale = alpha / r).
+        dropout: dropout on the LoRA input.
+        targets: names of the language model's linear layers to adapt (never matched in the vision tower).
+        layers: indices of the decoder layers to adapt; ``None`` adapts all of them.
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(LANGUAGE_LINEARS))
+    layers: Optional[list[int]] = None
+
+    def target_regex(self) -> str:
+        layers = r"\d+" if self.layers is None else "(?:" + "|".join(str(i) for i in self.layers) + ")"
+        names = "|".join(re.escape(t) for t in self.targets)
+        return rf".*language_model\.layers\.{layers}\..*\.(?:{names})"
+
+
+@dataclass
+class TinySpec:
+    """The embedded tiny LLaVA (random init; about 3.5M parameters at the defaults).
+
+    Args:
+        image_size: square input size in pixels (the shapes world draws 48 px images).
+        patch_size: CLIP patch size; image tokens = (image_size / patch_size) ** 2.
+        vision_hidden / vision_layers / vision_heads: the CLIP tower (at least 2 layers, since LLaVA reads
+            the second-to-last one).
+        text_hidden / text_layers / text_heads / text_kv_heads / text_intermediate: the Llama decoder.
+        vocab_size: size of the offline-trained byte-level BPE vocabulary.
+        max_positions: longest sequence (positions) the decoder supports.
+        seed: seed of the random initialisation (the same seed gives the same weights).
+    """
+
+    image_size: int = 48
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    text_intermediate: int = 512
+    vocab_size: int = 512
+    max_positions: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    """Where the LLaVA comes from and which of its parts train.
+
+    Args:
+        checkpoint: a local directory in the transformers LLaVA format (e.g. a saved ``llava-1.5-7b-hf``, or this
+            project's ``export_merged`` output). Takes precedence over the two below.
+        vision_checkpoint: a local CLIP vision checkpoint, composed with ``language_checkpoint`` and a fresh
+            projector when ``checkpoint`` is not given.
+        language_checkpoint: a local Llama-family causal LM checkpoint (with its tokenizer).
+        adapter: a LoRA adapter directory (peft format, from ``export_adapter``) loaded on top, trainable.
+        tiny: the embedded tiny default, used when no checkpoint is given.
+        train_vision: train the CLIP vision tower (False in every seed).
+        train_projector: train the multimodal projector (needed after composing; SIMA trains it during DPO).
+        train_language: train the language model: all its weights without LoRA, only the LoRA weights with it.
+        lora: LoRA on the language model; ``r: 0`` for none.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        attn_implementation: ``"sdpa"`` (default; supports the 4D masks of packed DPO sequences) or ``"eager"``.
+        dtype: dtype the weights are loaded in (``float32``, ``bfloat16``, ``float16``); Lightning's
+            ``precision`` decides the compute dtype.
+        chat_template: a Jinja chat template overriding the checkpoint's (default: the checkpoint's own, else
+            LLaVA-1.5's ``USER: ... ASSISTANT: ...``).
+    """
+
+    checkpoint: Optional[str] = None
+    vision_checkpoint: Optional[str] = None
+    language_checkpoint: Optional[str] = None
+    adapter: Optional[str] = None
+    tiny: TinySpec = field(default_factory=TinySpec)
+    train_vision: bool = False
+    train_projector: bool = True
+    train_language: bool = True
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+    chat_template: Optional[str] = None
+
+    def __post_init__(self):
+        if isinstance(self.tiny, dict):
+            self.tiny = TinySpec(**self.tiny)
+        if isinstance(self.lora, dict):
+            self.lora = LoraSpec(**self.lora)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if (self.vision_checkpoint is None) != (self.language_checkpoint is None) and self.checkpoint is None:
+            raise ValueError("composing a LLaVA needs both vision_checkpoint and language_checkpoint")
+        for name in ("checkpoint", "vision_checkpoint", "language_checkpoint", "adapter"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isdir(path):
+                raise FileNotFoundError(f"{name}: {path!r} is not a local directory (models are never downloaded)")
+
+    @property
+    def source(self) -> str:
+        if self.checkpoint:
+            return "checkpoint"
+        return "compose" if self.vision_checkpoint else "tiny"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Processors
+
+
+def _tiny_tokenizer(spec: TinySpec):
+    """A byte-level BPE tokenizer trained offline on the shapes world's text (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data.shapes import corpus
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    template_text = ["USER: ASSISTANT: SYSTEM:", "Answer the question using a single word or phrase."]
+    tok.train_from_iterator(corpus() + template_text, trainer=trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                            special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="right", model_max_length=spec.max_positions)
+
+
+def _image_processor(size: int, mean=None, std=None):
+    try:  # the PIL backend: identical pixels whether or not torchvision is installed
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:
+        from transformers import CLIPImageProcessor as cls
+    kw = {}
+    if mean is not None:
+        kw.update(image_mean=mean, image_std=std)
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **kw)
+
+
+def _make_processor(tokenizer, image_processor, patch_size: int, template: str):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=template)
+
+
+def load_processor(cfg: BackboneConfig):
+    """The processor (tokenizer + image processor + chat template) for a config, without building the model."""
+    from transformers import AutoProcessor, AutoTokenizer, CLIPVisionConfig
+
+    if cfg.source == "checkpoint":
+        proc = AutoProcessor.from_pretrained(cfg.checkpoint, local_files_only=True)
+    elif cfg.source == "compose":
+        tok = AutoTokenizer.from_pretrained(cfg.language_checkpoint, local_files_only=True)
+        if "<image>" not in tok.get_vocab():
+            tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tok.image_token = "<image>"
+        if tok.pad_token is None:
+            tok.pad_token = tok.unk_token or tok.eos_token
+        vis = CLIPVisionConfig.from_pretrained(cfg.vision_checkpoint, local_files_only=True)
+        try:
+            from transformers import AutoImageProcessor
+
+            ip = AutoImageProcessor.from_pretrained(cfg.vision_checkpoint, local_files_only=True)
+        except (OSError, ValueError):
+            ip = _image_processor(vis.image_size)
+        proc = _make_processor(tok, ip, vis.patch_size, LLAVA_CHAT_TEMPLATE)
+    else:
+        spec = cfg.tiny
+        tok = _tiny_tokenizer(spec)
+        proc = _make_processor(tok, _image_processor(spec.image_size), spec.patch_size, TINY_CHAT_TEMPLATE)
+    if cfg.chat_template:
+        proc.chat_template = cfg.chat_template
+    if proc.chat_template is None:
+        proc.chat_template = LLAVA_CHAT_TEMPLATE
+    return proc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model building
+
+
+def _tiny_model(spec: TinySpec, tokenizer, attn: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if spec.vision_layers < 2:
+        raise ValueError("TinySpec.vision_layers must be >= 2 (LLaVA reads the second-to-last vision layer)")
+    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 4,
+                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                              image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, num_hidden_layers=spec.text_layers,
+                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                       intermediate_size=spec.text_intermediate, max_position_embeddings=spec.max_positions,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(spec.image_size // spec.patch_size) ** 2)
+    config._attn_implementation = attn
+    with _seeded(spec.seed):
+        model = LlavaForConditionalGeneration(config)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _composed_model(cfg: BackboneConfig, tokenizer, dtype, attn: str):
+    from transformers import (AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    vis_cfg = CLIPVisionConfig.from_pretrained(cfg.vision_checkpoint, local_files_only=True)
+    txt_cfg = AutoConfig.from_pretrained(cfg.language_checkpoint, local_files_only=True)
+    config = LlavaConfig(vision_config=vis_cfg, text_config=txt_cfg,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(vis_cfg.image_size // vis_cfg.patch_size) ** 2)
+    config._attn_implementation = attn
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    vision = CLIPVisionModel.from_pretrained(cfg.vision_checkpoint, local_files_only=True, dtype=dtype)
+    lm = AutoModelForCausalLM.from_pretrained(cfg.language_checkpoint, local_files_only=True, dtype=dtype)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+class Backbone(nn.Module):
+    """A LLaVA model (plus optional LoRA) and its processor; see the module docstring.
+
+    ``model`` is the ``LlavaForConditionalGeneration`` (LoRA layers, when present, are injected into it);
+    ``peft_model`` the peft wrapper around it (``None`` without LoRA).
+    """
+
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.config = config
+        self.processor = load_processor(config)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        self.model = None
+        self.peft_model = None  # not a registered submodule: it wraps ``model``, whose weights are already ours
+
+    # ---------------------------------------------------------------------------------------------------- build
+    @property
+    def built(self) -> bool:
+        return self.model is not None
+
+    def build(self) -> "Backbone":
+        """Create (or load) the model, apply freezing, LoRA and checkpointing. Idempotent."""
+        if self.built:
+            return self
+        cfg = self.config
+        dtype, attn = DTYPES[cfg.dtype], cfg.attn_implementation
+        if cfg.source == "checkpoint":
+            from transformers import LlavaForConditionalGeneration
+
+            model = LlavaForConditionalGeneration.from_pretrained(cfg.checkpoint, local_files_only=True, dtype=dtype,
+                                                                  attn_implementation=attn)
+        elif cfg.source == "compose":
+            model = _composed_model(cfg, self.tokenizer, dtype, attn)
+        else:
+            model = _tiny_model(cfg.tiny, self.tokenizer, attn).to(dtype)
+        if model.config.image_token_index != self.image_token_id:
+            raise ValueError(f"the model's image_token_index {model.config.image_token_index} is not the tokenizer's "
+                             f"<image> id {self.image_token_id}: the forward would fail with 'Image features and "
+                             "image tokens do not match'")
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.adapter or cfg.lora.r > 0:
+            from peft import LoraConfig, PeftModel, get_peft_model
+
+            if cfg.adapter:
+                peft_model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=cfg.train_language)
+            else:
+                lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                target_modules=cfg.lora.target_regex(), bias="none")
+                peft_model = get_peft_model(model, lc)
+            object.__setattr__(self, "peft_model", peft_model)
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(cfg.train_language)
+        elif cfg.train_language:
+            for p in model.model.language_model.parameters():
+                p.requires_grad_(True)
+            for p in model.lm_head.parameters():
+                p.requires_grad_(True)
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(cfg.train_vision)
+        for p in model.model.multi_modal_projector.parameters():
+            p.requires_grad_(cfg.train_projector)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        return self
+
+    def _need(self):
+        if not self.built:
+            raise RuntimeError("Backbone.build() has not been called (LightningModules call it in configure_model)")
+        return self.model
+
+    # -------------------------------------------------------------------------------------------------- structure
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image: (image_size / patch_size)^2 for CLIP with the 'default' strategy (CLS dropped)."""
+        ip, proc = self.processor.image_processor, self.processor
+        size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else ip.size["shortest_edge"]
+        n = (size // proc.patch_size) ** 2 + proc.num_additional_image_tokens
+        return n - 1 if proc.vision_feature_select_strategy == "default" else n
+
+    def parts(self) -> dict[str, nn.Module]:
+        m = self._need()
+        return {"vision": m.model.vision_tower, "projector": m.model.multi_modal_projector,
+                "language": nn.ModuleList([m.model.language_model, m.lm_head])}
+
+    def named_trainable(self) -> Iterator[tuple[str, str, nn.Parameter]]:
+        """(part, name, parameter) for every trainable parameter."""
+        for part, mod in self.parts().items():
+            for n, p in mod.named_parameters():
+                if p.requires_grad:
+                    yield part, n, p
+
+    def adapter_disabled(self):
+        """Context in which the LoRA adapter is off (the reference model of DPO/PPO); a no-op without LoRA."""
+        if self.peft_model is None:
+            return contextlib.nullcontext()
+        return self.peft_model.disable_adapter()
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.peft_model is not None
+
+    @property
+    def vision_frozen(self) -> bool:
+        """True when nothing before the language model trains: image features can be shared with a reference."""
+        return not (self.config.train_vision or self.config.train_projector)
+
+    # ------------------------------------------------------------------------------------------------- compute
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, H, W) -> projected image features (n_images, image_tokens, hidden)."""
+        m = self._need()
+        cfg = m.config
+        dtype = m.model.vision_tower.embeddings.patch_embedding.weight.dtype
+        out = m.model.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return m.model.multi_modal_projector(feats)
+
+    def embed(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each run of image tokens replaced by one image's features, in order.
+
+        input_ids: (batch, seq); image_features: (n_images, image_tokens, hidden) with n_images * image_tokens equal
+        to the number of image tokens in ``input_ids``.
+        """
+        m = self._need()
+        embeds = m.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        n = int(is_image.sum())
+        if image_features is None or image_features.numel() == 0:
+            if n:
+                raise ValueError(f"{n} image tokens in the batch but no image features")
+            return embeds
+        feats = image_features.reshape(-1, image_features.shape[-1])
+        if feats.shape[0] != n:
+            raise ValueError(f"image features and image tokens do not match: {n} image tokens in the batch, "
+                             f"{feats.shape[0]} feature vectors ({image_features.shape[0]} images)")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                      image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last hidden states (batch, seq, hidden) of the language model.
+
+        attention_mask: (batch, seq) padding mask (1 = token), or a boolean (batch, 1, seq, seq) mask
+        (True = may attend) for packed sequences, which then need explicit ``position_ids`` (batch, seq).
+        Give either ``pixel_values`` (n_images, 3, H, W) or precomputed ``image_features``.
+        """
+        m = self._need()
+        if image_features is None and pixel_values is not None and pixel_values.numel():
+            image_features = self.encode_images(pixel_values)
+        embeds = self.embed(input_ids, image_features)
+        if position_ids is None:
+            if attention_mask.dim() != 2:
+                raise ValueError("a 4D attention mask needs explicit position_ids")
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = m.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., vocab)."""
+        return self._need().lm_head(hidden)
+
+    def token_logps(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4096,
+                    return_logits: bool = False):
+        """Per-token log-probabilities of the labels, projecting only the labelled positions onto the vocabulary.
+
+        ``labels[b, t]`` is the token predicted from position t (already shifted), -100 where nothing is
+        predicted. hidden: (batch, seq, hidden); labels: (batch, seq). Returns (batch, seq) log-probs with 0 at
+        unlabelled positions (and, with ``return_logits``, the (n_labelled, vocab) logits in row-major order).
+        Positions are projected ``chunk`` at a time, so peak memory is ``chunk x vocab`` floats.
+        """
+        mask = labels != -100
+        h = hidden[mask]
+        targets = labels[mask]
+        out = hidden.new_zeros(labels.shape, dtype=torch.float32)
+        picked, all_logits = [], []
+        for i in range(0, h.shape[0], chunk):
+            lg = self.logits(h[i:i + chunk]).float()
+            picked.append(torch.gather(lg.log_softmax(-1), 1, targets[i:i + chunk, None]).squeeze(1))
+            if return_logits:
+                all_logits.append(lg)
+        if picked:
+            out = out.masked_scatter(mask, torch.cat(picked))
+        if return_logits:
+            return out, (torch.cat(all_logits) if all_logits else hidden.new_zeros(0, self.logits(hidden[:0, :0]).shape[-1]))
+        return out
+
+    # ---------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, use_adapter: bool = True) -> torch.Tensor:
+        """Batched generation with the KV cache from left-padded prompts (batch, seq).
+
+        Returns the new tokens only, (batch, new), padded with the pad id after EOS.
+        """
+        m = self._need()
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:  # silence the sampling options a checkpoint's generation_config may carry
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        ctx = contextlib.nullcontext() if use_adapter else self.adapter_disabled()
+        was_training = m.training
+        m.eval()
+        try:
+            with ctx:
+                pv = pixel_values if pixel_values is not None and pixel_values.numel() else None
+                if pv is not None:
+                    pv = pv.to(m.model.vision_tower.embeddings.patch_embedding.weight.dtype)
+                out = m.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pv, **kwargs)
+        finally:
+            m.train(was_training)
+        return out[:, input_ids.shape[1]:]
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------------------------------------- export
+    def export_adapter(self, path: str):
+        """Save the LoRA adapter in peft's format (plus the processor, so the folder is self-describing)."""
+        if self.peft_model is None:
+            raise ValueError("this backbone has no LoRA adapter to export; use export_merged")
+        self.peft_model.save_pretrained(path, safe_serialization=True)
+        self.processor.save_pretrained(path)
+
+    def export_merged(self, path: str, dtype: Optional[str] = None):
+        """Save a plain LLaVA checkpoint (LoRA merged in) that loads with transformers alone.
+
+        Loads with ``LlavaForConditionalGeneration.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``.
+        The live model is left untouched (merging happens on a copy of the weights).
+        """
+        import copy
+
+        m = self._need()
+        if self.peft_model is not None:
+            merged = copy.deepcopy(self.peft_model).merge_and_unload()
+        else:
+            merged = m
+        if dtype:
+            merged = copy.deepcopy(merged).to(DTYPES[dtype]) if merged is m else merged.to(DTYPES[dtype])
+        merged.config.use_cache = True
+        merged.save_pretrained(path, safe_serialization=True)
+        m.config.use_cache = False
+        self.processor.save_pretrained(path)
+
+    def describe(self) -> dict:
+        """Parameter counts per part, trainable and total (for logs and tests)."""
+        out = {}
+        for part, mod in self.parts().items():
+            ps = list(mod.parameters())
+            out[part] = {"total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+        return out
+
+
+def config_dict(cfg: BackboneConfig) -> dict:
+    return asdict(cfg)

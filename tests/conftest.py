@@ -1,0 +1,54 @@
+"""Shared fixtures: a small shapes world on disk and the embedded tiny backbone (real, no mocks)."""
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for sub in ("data_prep", "eval"):
+    path = os.path.join(ROOT, sub)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small shapes world (the same generator as the embedded default, fewer images)."""
+    from vlalign.data.shapes import build_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    build_shapes(str(out), train_images=300, val_images=60, test_images=60, shard_size=100, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor_backbone():
+    """An unbuilt tiny backbone (processor only): cheap, for data tests."""
+    from vlalign.backbone import Backbone, BackboneConfig
+
+    return Backbone(BackboneConfig())
+
+
+@pytest.fixture(scope="session")
+def make_backbone():
+    """Factory: ``make_backbone(lora={"r": 4}, train_vision=True, ...)`` -> a built tiny Backbone."""
+    from vlalign.backbone import Backbone, BackboneConfig
+
+    def make(**overrides):
+        return Backbone(BackboneConfig(**overrides)).build()
+
+    return make
