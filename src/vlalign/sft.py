@@ -19,6 +19,7 @@ import lightning as L
 import torch
 
 from .backbone import Backbone, BackboneConfig
+from .checkpoint import export_backbone, keep_trainable
 from .optim import OptimConfig, build_optimizer
 
 
@@ -48,6 +49,7 @@ class SFTModule(L.LightningModule):
         self.backbone = Backbone(backbone)
         self.optim, self.export_dir = optim, export_dir
         self.tokens_seen = 0
+        self.strict_loading = False  # checkpoints hold the trainable weights only
 
     def batch_spec(self) -> dict:
         return {"format": "sft"}
@@ -73,6 +75,7 @@ class SFTModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=int(n), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint):
+        keep_trainable(self, checkpoint)
         checkpoint["tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint):
@@ -80,27 +83,3 @@ class SFTModule(L.LightningModule):
 
     def on_fit_end(self):
         export_backbone(self, self.export_dir)
-
-
-def export_backbone(module: L.LightningModule, export_dir: Optional[str]):
-    """Export ``module.backbone``: a merged checkpoint (``merged/``) and, with LoRA, the adapter (``adapter/``).
-
-    Written by global rank 0. Under DeepSpeed ZeRO-3 the sharded weights are gathered first (every rank takes
-    part in the gather).
-    """
-    if not export_dir:
-        return
-    import contextlib
-    import os
-
-    bb = module.backbone
-    gather = contextlib.nullcontext()
-    if getattr(module.trainer.strategy, "zero_stage_3", False):
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(bb.parameters()), modifier_rank=None)
-    with gather:
-        if module.trainer.global_rank == 0:
-            bb.export_merged(os.path.join(export_dir, "merged"))
-            if bb.has_adapter:
-                bb.export_adapter(os.path.join(export_dir, "adapter"))

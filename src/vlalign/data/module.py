@@ -148,7 +148,7 @@ class ShardDataModule(L.LightningDataModule):
         ds = self.stream("train", True, self.batch_size, self.epoch_samples)
         ds.resume_from, ds.resume_epoch = dict(self._restored), self._position_epoch
         self._restored = {}
-        trainer = self._trainer
+        trainer = getattr(self, "_trainer", None)
         return self._loader(ds, epoch_fn=(lambda: trainer.current_epoch) if trainer else None)
 
     def val_dataloader(self):
@@ -160,7 +160,8 @@ class ShardDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         stream = batch.pop("stream", None) if isinstance(batch, dict) else None
         skipped = batch.pop("skipped", None) if isinstance(batch, dict) else None
-        training = self._trainer is not None and self._trainer.training
+        trainer = getattr(self, "_trainer", None)
+        training = trainer is None or trainer.training
         if stream is not None and training:
             if stream["epoch"] != self._position_epoch:
                 self.positions, self._position_epoch = {}, stream["epoch"]

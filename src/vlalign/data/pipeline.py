@@ -142,6 +142,10 @@ class Encode:
         return PromptExample(prompt, self.pixels(images), meta)
 
 
+class _NoWorker:
+    id = 0
+
+
 class ShardStream(IterableDataset):
     """Batches from WebDataset shards (see the module docstring).
 
@@ -176,10 +180,10 @@ class ShardStream(IterableDataset):
         self.resume_from: dict[int, int] = {}  # worker -> batches to skip (set by the DataModule on restore)
         self.resume_epoch = 0  # the epoch those positions belong to
 
-    def _shards(self, rank, world, worker, workers) -> list[str]:
+    def _shards(self, epoch, rank, world, worker, workers) -> list[str]:
         urls = list(self.urls)
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)
         slots = world * workers
         if len(urls) < slots and self.epoch_samples is None:
             # fewer shards than readers: every reader gets a disjoint slice of each shard instead
@@ -198,14 +202,19 @@ class ShardStream(IterableDataset):
             yield sample
 
     def __iter__(self) -> Iterator[dict]:
+        # read the epoch and resume position now: the generator body runs later, after the loader reset them
+        skip = self.resume_from.get((get_worker_info() or _NoWorker).id, 0) if self.epoch == self.resume_epoch else 0
+        return self._iterate(self.epoch, skip)
+
+    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rank, world = rank_and_world()
         slot, slots = rank * workers + worker, world * workers
-        urls = self._shards(rank, world, worker, workers)
+        urls = self._shards(epoch, rank, world, worker, workers)
         shared = len(self.urls) < slots
         stride, offset = (slots, slot) if shared else (1, 0)
-        rng = random.Random(hash((self.seed, self.epoch, rank, worker)) & 0xFFFFFFFF)
+        rng = random.Random(hash((self.seed, epoch, rank, worker)) & 0xFFFFFFFF)
         quota = None if self.epoch_samples is None else self.epoch_samples // slots
 
         def samples():
@@ -226,7 +235,6 @@ class ShardStream(IterableDataset):
         buffer: list = []
         batch: list = []
         index, yielded = 0, 0
-        skip_batches = self.resume_from.get(worker, 0) if self.epoch == self.resume_epoch else 0
 
         def emit(examples):
             nonlocal index, skipped
@@ -236,7 +244,7 @@ class ShardStream(IterableDataset):
                 skipped = Counter()
                 return None
             out = self.collate(examples)
-            out["stream"] = {"worker": worker, "index": i, "epoch": self.epoch, "rank": rank}
+            out["stream"] = {"worker": worker, "index": i, "epoch": epoch, "rank": rank}
             out["skipped"], skipped = dict(skipped), Counter()
             return out
 
