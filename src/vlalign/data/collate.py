@@ -15,6 +15,7 @@ Three batch formats, one per kind of training signal:
   Both layouts give the same per-response log-probs; they share ``targets`` (R, T) and ``target_index`` (R, T),
   R = batch * k responses in example-major order: response r's token t is ``targets[r, t]`` (-100 = padding),
   predicted from the flattened hidden-state row ``target_index[r, t]`` of ``hidden.reshape(-1, hidden_size)``.
+  ``last_index`` (R,) is the flattened row of each response's last token (where a reward model reads its score).
   ``image_index`` lists which image (row of ``pixel_values``) fills each run of image tokens, in order, so image
   features are computed once per example and repeated only where a layout repeats the prompt.
 * ``prompts``: left-padded prompts for generation, plus the records' metadata.
@@ -101,6 +102,7 @@ def collate_pairs(examples: list[PairExample], pad_id: int, layout: str = "packe
     resp_lens = [[len(r) for r in e.responses] for e in examples]
     targets = _pad([r for e in examples for r in e.responses], IGNORE)
     target_index = torch.zeros_like(targets)
+    last_index = torch.zeros(targets.shape[0], dtype=torch.long)  # flat position of each response's last token
     batch: dict[str, Any] = {"layout": layout, "num_responses": k, "targets": targets,
                              "prompt_lengths": torch.tensor([len(e.prompt) for e in examples]),
                              "response_lengths": torch.tensor(resp_lens),
@@ -118,6 +120,7 @@ def collate_pairs(examples: list[PairExample], pad_id: int, layout: str = "packe
                 shift = L - len(e.prompt) - len(r) if padding_side == "left" else 0
                 P = len(e.prompt)
                 target_index[row, :len(r)] = row * L + shift + P - 1 + torch.arange(len(r))
+                last_index[row] = row * L + shift + P + len(r) - 1
                 image_index += range(first_image[b], first_image[b] + n_images[b])
     elif layout == "packed":
         rows, segs, poss = [], [], []
@@ -128,6 +131,7 @@ def collate_pairs(examples: list[PairExample], pad_id: int, layout: str = "packe
                 start = len(row)
                 idx = [P - 1] + [start + t for t in range(len(r) - 1)]
                 target_index[b * k + i, :len(r)] = torch.tensor(idx)
+                last_index[b * k + i] = start + len(r) - 1
                 row += r
                 seg += [i + 1] * len(r)
                 pos += range(P, P + len(r))
@@ -143,12 +147,14 @@ def collate_pairs(examples: list[PairExample], pad_id: int, layout: str = "packe
             for i in range(k):
                 r = b * k + i
                 target_index[r, :resp_lens[b][i]] += b * L + shift
+                last_index[r] += b * L + shift
         image_index = [i for b in range(len(examples)) for i in range(first_image[b], first_image[b] + n_images[b])]
         batch["attention_mask"] = batch["segment_ids"] >= 0
     else:
         raise ValueError(f"layout must be 'plain' or 'packed', got {layout!r}")
     target_index[targets == IGNORE] = 0
     batch["target_index"] = target_index
+    batch["last_index"] = last_index
     batch["image_index"] = torch.tensor(image_index, dtype=torch.long)
     batch.update(_ref_tensors(examples))
     return batch
