@@ -258,9 +258,53 @@ def _tiny_model(spec: TinySpec, tokenizer, attn: str):
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          image_seq_length=(spec.image_size // spec.patch_size) ** 2)
     config._attn_implementation = attn
-    with _seeded(spec.seed):
+    if not _inside_zero_init():
+        with _seeded(spec.seed):
+            return LlavaForConditionalGeneration(config)
+    # ZeRO-3 partitions parameters as modules are created; initialise them gathered, then let them re-partition
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
         model = LlavaForConditionalGeneration(config)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0), _seeded(spec.seed):
+        model.init_weights()
     return model
+
+
+def _inside_zero_init() -> bool:
+    """True while DeepSpeed ZeRO-3's ``zero.Init`` partitions modules as they are created."""
+    try:
+        from deepspeed.runtime.zero import partition_parameters
+    except ImportError:
+        return False
+    return partition_parameters.zero_init_context > 0
+
+
+
+@contextlib.contextmanager
+def _zero3_loading(deepspeed_config: Optional[dict]):
+    """Let transformers know about ZeRO-3 while loading, so checkpoint weights go into partitioned parameters."""
+    if not (_inside_zero_init() and deepspeed_config):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(deepspeed_config)  # registered through a weak reference: hold it while loading
+    try:
+        yield
+    finally:
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def deepspeed_config_of(trainer) -> Optional[dict]:
+    """The DeepSpeed config of a trainer running ZeRO stage 3, else None."""
+    strategy = getattr(trainer, "strategy", None)
+    if getattr(strategy, "zero_stage_3", False):
+        return strategy.config
+    return None
 
 
 @contextlib.contextmanager
@@ -315,8 +359,12 @@ class Backbone(nn.Module):
     def built(self) -> bool:
         return self.model is not None
 
-    def build(self) -> "Backbone":
-        """Create (or load) the model, apply freezing, LoRA and checkpointing. Idempotent."""
+    def build(self, deepspeed_config: Optional[dict] = None) -> "Backbone":
+        """Create (or load) the model, apply freezing, LoRA and checkpointing. Idempotent.
+
+        deepspeed_config: the DeepSpeed config when building under ZeRO-3 (``deepspeed_config_of(trainer)``), so
+        transformers loads checkpoint weights into the partitioned parameters.
+        """
         if self.built:
             return self
         cfg = self.config
@@ -324,10 +372,12 @@ class Backbone(nn.Module):
         if cfg.source == "checkpoint":
             from transformers import LlavaForConditionalGeneration
 
-            model = LlavaForConditionalGeneration.from_pretrained(cfg.checkpoint, local_files_only=True, dtype=dtype,
-                                                                  attn_implementation=attn)
+            with _zero3_loading(deepspeed_config):
+                model = LlavaForConditionalGeneration.from_pretrained(cfg.checkpoint, local_files_only=True,
+                                                                      dtype=dtype, attn_implementation=attn)
         elif cfg.source == "compose":
-            model = _composed_model(cfg, self.tokenizer, dtype, attn)
+            with _zero3_loading(deepspeed_config):
+                model = _composed_model(cfg, self.tokenizer, dtype, attn)
         else:
             model = _tiny_model(cfg.tiny, self.tokenizer, attn).to(dtype)
         if model.config.image_token_index != self.image_token_id:

@@ -18,7 +18,7 @@ from typing import Optional
 import lightning as L
 import torch
 
-from .backbone import Backbone, BackboneConfig
+from .backbone import Backbone, BackboneConfig, deepspeed_config_of
 from .checkpoint import export_backbone, keep_trainable
 from .optim import OptimConfig, build_optimizer
 
@@ -55,7 +55,7 @@ class SFTModule(L.LightningModule):
         return {"format": "sft"}
 
     def configure_model(self):
-        self.backbone.build()
+        self.backbone.build(deepspeed_config_of(self._trainer))
 
     def configure_optimizers(self):
         return build_optimizer(self, self.backbone.named_trainable(), self.optim)

@@ -106,6 +106,11 @@ class ShardDataModule(L.LightningDataModule):
         if self._spec is None:
             module = self.trainer.lightning_module
             self.attach(module.backbone, module.batch_spec())
+        # Lightning's DeepSpeed strategy reads the micro-batch size off the DataLoader's batch sampler, which a
+        # stream that batches inside its workers does not have: tell it directly.
+        config = getattr(self.trainer.strategy, "config", None)
+        if isinstance(config, dict) and "train_micro_batch_size_per_gpu" not in config:
+            config["train_micro_batch_size_per_gpu"] = self.batch_size
 
     def _urls(self, which: str) -> list[str]:
         value = self.train_urls if which == "train" else self.val_urls
