@@ -411,6 +411,7 @@ class Backbone(nn.Module):
             p.requires_grad_(cfg.train_projector)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # from_pretrained leaves eval mode; training wants dropout (LoRA's included)
         self.model = model
         return self
 
