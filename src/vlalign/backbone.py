@@ -299,6 +299,22 @@ def _zero3_loading(deepspeed_config: Optional[dict]):
         unset_hf_deepspeed_config()
 
 
+def _init_lora_gathered(model: nn.Module, seed: int):
+    """peft initialises LoRA weights after creating them, which is a no-op on ZeRO-3's empty partitions: do it
+    on the gathered weights (A: Kaiming-uniform as peft does, B: zeros, so training starts from the base model)."""
+    import math
+
+    import deepspeed
+
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    with deepspeed.zero.GatheredParameters([p for _, p in lora], modifier_rank=0), _seeded(seed):
+        for n, p in lora:
+            if "lora_A" in n:
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(p)
+
+
 def deepspeed_config_of(trainer) -> Optional[dict]:
     """The DeepSpeed config of a trainer running ZeRO stage 3, else None."""
     strategy = getattr(trainer, "strategy", None)
@@ -396,6 +412,8 @@ class Backbone(nn.Module):
                 lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                 target_modules=cfg.lora.target_regex(), bias="none")
                 peft_model = get_peft_model(model, lc)
+                if _inside_zero_init():
+                    _init_lora_gathered(model, cfg.tiny.seed)
             object.__setattr__(self, "peft_model", peft_model)
             for n, p in model.named_parameters():
                 if "lora_" in n:
