@@ -1,0 +1,186 @@
+"""Reward model: the LLaVA backbone plus a scalar value head read at each response's last token.
+
+    python src/train.py fit --config conf/reward.yaml
+
+For a prompt x with responses ranked best first, y_0 > y_1 > ... > y_{k-1}:
+
+    r_i = w^T h_last(x, y_i)                       (batch, k)     w: (hidden,), no bias (Vision-LLM-Alignment)
+    L   = -sum_{i<k-1} log( exp(r_i) / sum_{j>=i} exp(r_j) )      Plackett-Luce; Bradley-Terry when k = 2
+
+Pairs are scored with the same packed layout as DPO (the prompt and image once per pair): the last token of a
+response only attends to the prompt and its own response, so its hidden state equals the plain computation's.
+``export_dir`` receives the merged backbone (``merged/``) with ``value_head.safetensors`` and ``reward.json``
+beside it; ``RewardScorer.load(export_dir)`` scores (image, prompt, response) triples with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from .backbone import Backbone, BackboneConfig, deepspeed_config_of
+from .checkpoint import export_backbone, keep_trainable
+from .logps import pair_hidden, pair_image_features
+from .losses import RANKING_LOSSES
+from .optim import OptimConfig, build_optimizer
+
+
+def value_head(hidden_size: int) -> nn.Linear:
+    """A bias-free linear head, initialised small so initial rewards are near zero."""
+    head = nn.Linear(hidden_size, 1, bias=False)
+    nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+    return head
+
+
+def pair_rewards(backbone: Backbone, head: nn.Module, batch: dict, image_features=None) -> torch.Tensor:
+    """Scalar rewards of every response in a ``pairs`` batch: (batch, k)."""
+    if image_features is None:
+        image_features = pair_image_features(backbone, batch)
+    hidden = pair_hidden(backbone, batch, image_features)
+    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]
+    return head(last.to(head.weight.dtype)).squeeze(-1).float().view(-1, batch["num_responses"])
+
+
+class RewardModule(L.LightningModule):
+    """Trains a reward model on preference pairs or ranked lists.
+
+    Args:
+        backbone: the LLaVA under the head (usually the SFT model; LoRA or full fine-tuning).
+        optim: optimizer and schedule (``head_lr`` sets the value head's learning rate).
+        loss: ``bradley_terry`` (pairs) or ``plackett_luce`` (k ranked candidates).
+        num_responses: 2 for chosen/rejected; k > 2 uses the first k ranked candidates.
+        layout: ``packed`` (prompt once per example) or ``plain``.
+        export_dir: export the reward model there at the end of ``fit``.
+    """
+
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(lr=1e-4),
+                 loss: str = "bradley_terry", num_responses: int = 2, layout: str = "packed",
+                 export_dir: Optional[str] = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if loss not in RANKING_LOSSES:
+            raise ValueError(f"loss must be one of {sorted(RANKING_LOSSES)}, got {loss!r}")
+        if loss == "bradley_terry" and num_responses != 2:
+            raise ValueError("bradley_terry compares pairs: use num_responses 2, or loss plackett_luce")
+        self.loss_fn, self.num_responses, self.layout = RANKING_LOSSES[loss], num_responses, layout
+        self.optim, self.export_dir = optim, export_dir
+        self.backbone = Backbone(backbone)
+        self.head: Optional[nn.Linear] = None
+        self.val_accuracy = torchmetrics.MeanMetric()
+        self.strict_loading = False
+
+    def batch_spec(self) -> dict:
+        return {"format": "pairs", "layout": self.layout, "num_responses": self.num_responses}
+
+    def configure_model(self):
+        self.backbone.build(deepspeed_config_of(self._trainer))
+        if self.head is None:
+            self.head = value_head(self.backbone.model.config.text_config.hidden_size)
+
+    def configure_optimizers(self):
+        named = list(self.backbone.named_trainable()) + [("head", n, p) for n, p in self.head.named_parameters()]
+        return build_optimizer(self, named, self.optim)
+
+    def _step(self, batch):
+        rewards = pair_rewards(self.backbone, self.head, batch)
+        loss = self.loss_fn(rewards).mean()
+        chosen, rejected = rewards[:, 0], rewards[:, 1:]
+        correct = (chosen[:, None] > rejected).all(-1).float()  # the best ranked above every other
+        metrics = {"accuracy": correct.mean(), "margin": (chosen - rejected[:, -1]).mean(),
+                   "reward_mean": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.sum() * 0}
+        return loss, metrics, correct
+
+    def training_step(self, batch, batch_idx):
+        loss, metrics, _ = self._step(batch)
+        bs = batch["targets"].shape[0] // self.num_responses
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()}, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, metrics, correct = self._step(batch)
+        bs = batch["targets"].shape[0] // self.num_responses
+        self.val_accuracy.update(correct)
+        self.log("val/loss", loss, batch_size=bs, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "accuracy"}, batch_size=bs, sync_dist=True)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, on_epoch=True, batch_size=bs)
+
+    def on_save_checkpoint(self, checkpoint):
+        keep_trainable(self, checkpoint)
+
+    def on_fit_end(self):
+        export_backbone(self, self.export_dir)
+        if self.export_dir and self.trainer.global_rank == 0:
+            save_head(self.head, self.export_dir, self.backbone)
+
+
+def save_head(head: nn.Linear, export_dir: str, backbone: Backbone):
+    from safetensors.torch import save_file
+
+    os.makedirs(export_dir, exist_ok=True)
+    save_file({"weight": head.weight.detach().float().cpu().contiguous()}, os.path.join(export_dir, "value_head.safetensors"))
+    with open(os.path.join(export_dir, "reward.json"), "w") as f:
+        json.dump({"backbone": "merged", "hidden_size": head.in_features, "read_at": "last_token"}, f, indent=1)
+
+
+class RewardScorer(nn.Module):
+    """A trained reward model, loaded from a ``RewardModule`` export, that scores (image, prompt, response) triples.
+
+    ``RewardScorer.load(path)`` rebuilds the merged backbone and its value head; ``score(images, prompts,
+    responses)`` returns one float per triple; ``score_batch(batch)`` scores a ``pairs`` batch, (batch, k).
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def load(cls, path: str, dtype: str = "float32") -> "RewardScorer":
+        from safetensors.torch import load_file
+
+        if not os.path.exists(os.path.join(path, "value_head.safetensors")):
+            raise FileNotFoundError(f"{path} has no value_head.safetensors: is it a RewardModule export_dir?")
+        bb = Backbone(BackboneConfig(checkpoint=os.path.join(path, "merged"), train_vision=False,
+                                     train_projector=False, train_language=False, dtype=dtype)).build()
+        w = load_file(os.path.join(path, "value_head.safetensors"))["weight"]
+        head = nn.Linear(w.shape[1], 1, bias=False)
+        head.weight.data.copy_(w)
+        return cls(bb, head)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always in eval mode: a frozen judge
+
+    @torch.no_grad()
+    def score_batch(self, batch: dict) -> torch.Tensor:
+        return pair_rewards(self.backbone, self.head, batch)
+
+    @torch.no_grad()
+    def score(self, images: Sequence, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """One reward per (image or None, prompt text, response text)."""
+        from .data.chat import Encoder
+        from .data.collate import PairExample, collate_pairs
+        from .data.schema import with_images
+
+        bb = self.backbone
+        enc = Encoder(bb.tokenizer, bb.processor.chat_template, bb.num_image_tokens)
+        out: list[float] = []
+        device = next(self.parameters()).device
+        for i in range(0, len(prompts), batch_size):
+            examples = []
+            for im, p, r in zip(images[i:i + batch_size], prompts[i:i + batch_size], responses[i:i + batch_size]):
+                ims = [] if im is None else [im]
+                turns = with_images([{"role": "user", "content": p}], len(ims))
+                pv = bb.processor.image_processor(ims, return_tensors="pt")["pixel_values"] if ims else torch.zeros(0)
+                examples.append(PairExample(enc.prompt(turns), [enc.response(turns, r)], pv))
+            batch = collate_pairs(examples, bb.tokenizer.pad_token_id, layout="plain")
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            out += self.score_batch(batch)[:, 0].tolist()
+        return out
