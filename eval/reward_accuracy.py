@@ -1,0 +1,99 @@
+"""Reward-model accuracy on held-out preference shards: how often the chosen response is scored above the rejected.
+
+    python eval/reward_accuracy.py --reward-model runs/reward/export --shards "data/shapes/preference/val-*.tar" \
+        [--out reward_metrics.json --batch-size 16 --max-length 512]
+
+The reward model is a ``RewardModule`` export directory (``merged/`` + ``value_head.safetensors``), loaded with
+``RewardScorer.load``; pairs are encoded and batched by the training pipeline (``ShardDataModule``, ``pairs``
+format, packed layout), so the rewards are the ones validation computes. Reports
+
+    accuracy      = mean_i [ r(x_i, y_w) > r(x_i, y_l) ]       (ties count as wrong, as in RewardModule)
+    margin_mean   = mean_i  r(x_i, y_w) - r(x_i, y_l)
+    reward_mean / reward_std over all 2n rewards; chosen_mean, rejected_mean; n; skipped (reason -> count)
+
+plus a 95% percentile-bootstrap interval of the accuracy over pairs (``accuracy_ci``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from vlalign.data.module import ShardDataModule
+from vlalign.generation import count_samples
+
+
+def reward_metrics(chosen: Sequence[float], rejected: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Accuracy, margin and reward statistics of aligned chosen / rejected rewards (see the module docstring)."""
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    if c.shape != r.shape or c.ndim != 1 or not len(c):
+        raise ValueError(f"need aligned non-empty 1-D rewards, got shapes {c.shape} and {r.shape}")
+    correct = (c > r).astype(np.float64)
+    both = np.concatenate([c, r])
+    rng = np.random.default_rng(seed)
+    boot = correct[rng.integers(0, len(c), size=(n_boot, len(c)))].mean(1)
+    return {"accuracy": float(correct.mean()), "accuracy_ci": [float(np.quantile(boot, 0.025)),
+                                                                float(np.quantile(boot, 0.975))],
+            "margin_mean": float((c - r).mean()), "reward_mean": float(both.mean()),
+            "reward_std": float(both.std(ddof=1)) if len(both) > 1 else 0.0,
+            "chosen_mean": float(c.mean()), "rejected_mean": float(r.mean()), "n": int(len(c))}
+
+
+def run(args) -> dict:
+    from tqdm.auto import tqdm
+
+    from vlalign.reward import RewardScorer
+
+    scorer = RewardScorer.load(args.reward_model, dtype=args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scorer.to(device)
+    dm = ShardDataModule(train=args.shards, val=None, batch_size=args.batch_size, max_length=args.max_length,
+                         num_workers=0, shuffle_buffer=0)
+    dm.attach(scorer.backbone, {"format": "pairs", "layout": "packed", "num_responses": 2})
+    chosen, rejected, skipped = [], [], {}
+    bar = tqdm(total=count_samples(args.shards), desc="scoring pairs", unit="pair", disable=not args.progress,
+               dynamic_ncols=True)
+    for batch in dm.stream("train", shuffle=False, batch_size=args.batch_size):
+        batch_skipped = batch.pop("skipped", {})
+        for reason, n in batch_skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        rewards = scorer.score_batch(batch).float().cpu()  # (batch, 2)
+        chosen += rewards[:, 0].tolist()
+        rejected += rewards[:, 1].tolist()
+        bar.update(rewards.shape[0] + sum(batch_skipped.values()))
+    bar.close()
+    metrics = {**reward_metrics(chosen, rejected, seed=args.seed), "skipped": skipped,
+               "reward_model": args.reward_model, "shards": args.shards}
+    print(json.dumps(metrics, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reward-model", required=True, help="a RewardModule export dir (merged/ + value_head)")
+    p.add_argument("--shards", required=True, help="held-out preference shards (paths, globs, {a..b}, dirs)")
+    p.add_argument("--out", default=None, help="write the metrics JSON here")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512, help="as in training; longer pairs are truncated")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap interval")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
