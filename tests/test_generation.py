@@ -48,7 +48,7 @@ def test_one_text_per_prompt_and_greedy_is_deterministic(model, shapes_dir):
 def test_sampling_is_reproducible_under_a_seed(model, shapes_dir):
     urls = f"{shapes_dir}/prompts/train-*.tar"
     views = {"s": View(Sampling(max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9))}
-    assert _answers(model, urls, 3, views, seed=1) == _answers(model, urls, 3, views, seed=1)
+    assert _answers(model, urls, 3, views, limit=3, seed=1) == _answers(model, urls, 3, views, limit=3, seed=1)
 
 
 def test_pixel_transform_changes_what_the_model_sees(model, shapes_dir):
@@ -59,8 +59,7 @@ def test_pixel_transform_changes_what_the_model_sees(model, shapes_dir):
         return torch.zeros_like(pixels)
 
     urls = f"{shapes_dir}/prompts/train-*.tar"
-    out = _answers(model, urls, 2, {"clean": View(Sampling(6)), "blank": View(Sampling(6), pixel_transform=blank)},
-                   limit=3)
+    out = _answers(model, urls, 2, {"blank": View(Sampling(2), pixel_transform=blank)}, limit=3)
     assert [i for i, _ in out] == seen  # called once per record, with its id
 
 
