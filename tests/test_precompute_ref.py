@@ -100,3 +100,26 @@ def test_unscorable_records_are_counted_and_optionally_kept(model_dir, shapes_di
     other = precompute_ref.main(["--model", model_dir, "--in", f"{shapes_dir}/sft/train-000000.tar", "--limit", "2",
                                  "--out", str(tmp_path / "c-%06d.tar"), "--device", "cpu", "--no-progress"])
     assert other["unscored"] == {"wrong_kind": 2}
+
+
+def test_dpo_trains_on_them_with_loss_log2_at_the_start(scored, model_dir):
+    """Policy = the reference at step 0 (LoRA B = 0): every log-ratio is 0 and sigmoid DPO gives log 2."""
+    import math
+
+    from vlalign.backbone import LoraSpec
+    from vlalign.data.module import ShardDataModule
+    from vlalign.dpo import DPOModule
+
+    summary, _ = scored
+    module = DPOModule(BackboneConfig(checkpoint=model_dir, train_projector=False, lora=LoraSpec(r=4)),
+                       reference="precomputed")
+    module.configure_model()
+    module.eval()
+    dm = ShardDataModule(train=summary["shards"], val=None, batch_size=N, num_workers=0, shuffle_buffer=0)
+    dm.attach(module.backbone, module.batch_spec())
+    batch = next(iter(dm.stream("train", shuffle=False, batch_size=N)))
+    assert not batch["skipped"] and batch["ref_logps_sum"].shape == (N, 2)
+    with torch.no_grad():
+        loss, metrics = module.forward_loss(batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics["rewards/margins"].abs().item() < 1e-3
