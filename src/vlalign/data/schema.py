@@ -131,8 +131,8 @@ class PreferenceRecord:
         if self.scores is not None:
             d["scores"] = self.scores
         if self.ref_logps is not None:
-            d["ref_logps"] = {k: (v.to_json() if isinstance(v, LogProb) else
-                                  [c.to_json() for c in v] if isinstance(v, list) else v)
+            as_json = lambda v: v.to_json() if isinstance(v, LogProb) else v  # noqa: E731
+            d["ref_logps"] = {k: ([as_json(c) for c in v] if isinstance(v, list) else as_json(v))
                               for k, v in self.ref_logps.items()}
         return d
 

@@ -78,8 +78,16 @@ class ShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, record: Record | dict, images: Sequence[Image.Image | bytes] = (), key: str | None = None):
-        """Add one sample. The record is validated first; ``key`` defaults to a running number."""
+    def write(self, record: Record | dict, images: Sequence[Image.Image | bytes] = (), key: str | None = None,
+              image_format: str | None = None):
+        """Add one sample. The record is validated first; ``key`` defaults to a running number.
+
+        ``image_format`` overrides the writer's format for this sample: the extension raw image bytes are stored
+        under (they are written as given), or the encoding of PIL images.
+        """
+        fmt = image_format or self.image_format
+        if fmt not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image_format must be one of {IMAGE_EXTENSIONS}, got {fmt!r}")
         obj = record if isinstance(record, dict) else record.to_json()
         parse_record(obj)  # refuse to write what the reader would reject
         if self._tar is None or self.count >= self.max_count:
@@ -89,10 +97,10 @@ class ShardWriter:
             raise ValueError(f"a key may not contain '.' or '/': {key!r}")
         self._add(f"{key}.json", json.dumps(obj, ensure_ascii=False).encode())
         if len(images) == 1:
-            self._add(f"{key}.{self.image_format}", _image_bytes(images[0], self.image_format))
+            self._add(f"{key}.{fmt}", _image_bytes(images[0], fmt))
         else:
             for i, im in enumerate(images):
-                self._add(f"{key}.{i}.{self.image_format}", _image_bytes(im, self.image_format))
+                self._add(f"{key}.{i}.{fmt}", _image_bytes(im, fmt))
         self.count += 1
         self.total += 1
 
