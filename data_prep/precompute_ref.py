@@ -112,9 +112,8 @@ def read_raw(urls, limit: Optional[int]):
 
 def _write(writer: ShardWriter, obj: dict, raw: dict):
     images = image_members(raw)
-    # carry the image bytes unchanged, under their own extension (the writer names members by image_format)
-    writer.image_format = images[0][0] if images else writer.image_format
-    writer.write(obj, [data for _, data in images])
+    # the image bytes unchanged, under their own extension
+    writer.write(obj, [data for _, data in images], image_format=images[0][0] if images else None)
 
 
 def run(args) -> dict:
