@@ -149,7 +149,8 @@ class BackboneConfig:
         for name in ("checkpoint", "vision_checkpoint", "language_checkpoint", "adapter"):
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
-                raise FileNotFoundError(f"{name}: {path!r} is not a local directory (models are never downloaded)")
+                raise FileNotFoundError(f"{name}: {path!r} is not a local directory (models are never downloaded; "
+                                        "on the embedded default, conf/sft.yaml exports one to runs/sft/export/merged)")
 
     @property
     def source(self) -> str:
@@ -274,10 +275,12 @@ def _tiny_model(spec: TinySpec, tokenizer, attn: str):
 
 def _inside_zero_init() -> bool:
     """True while DeepSpeed ZeRO-3's ``zero.Init`` partitions modules as they are created."""
-    try:
-        from deepspeed.runtime.zero import partition_parameters
-    except ImportError:
+    import sys
+
+    if "deepspeed" not in sys.modules:  # nothing can be partitioning (and importing it would print warnings)
         return False
+    from deepspeed.runtime.zero import partition_parameters
+
     return partition_parameters.zero_init_context > 0
 
 

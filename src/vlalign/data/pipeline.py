@@ -7,7 +7,7 @@
       --> Encode (chat template, masking, truncation) --> shuffle buffer --> collate --> batch
 
 Each batch carries ``stream`` (worker, index within the worker's stream, epoch) and ``skipped`` (reason -> count
-since the previous batch of that worker), so the DataModule can count skipped samples and remember how far each
+since the previous batch of that worker; samples skipped after a worker's last batch are logged but not counted), so the DataModule can count skipped samples and remember how far each
 worker's stream has been consumed: the stream is a deterministic function of (seed, epoch, rank, worker), so
 skipping the first n batches of each worker on resume restores the position.
 """
