@@ -200,6 +200,8 @@ class PPOModule(L.LightningModule):
             prompt = ids[mask.bool()]
             n_img = int((prompt == bb.image_token_id).sum()) // n_tok
             response = out[:out.index(eos) + 1] if eos in out else out
+            if bb.image_token_id in response:  # a sampled <image> would need image features: the response ends there
+                response = response[:response.index(bb.image_token_id)] or [eos]
             examples.append(PairExample(prompt.tolist(), [response], batch["pixel_values"][first:first + n_img]))
             first += n_img
         pairs = collate_pairs(examples, bb.tokenizer.pad_token_id, layout="plain")
