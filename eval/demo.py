@@ -150,7 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--no-control", dest="control", action="store_false", help="skip the swapped-pairs control")
     args = p.parse_args(argv)
 
+    import torch
+
     from vlalign.data.shapes import ensure_shapes
+
+    torch.set_num_threads(1)  # the tiny model generates fastest on one thread (no oversubscription on small CPUs)
 
     start = time.time()
     out = os.path.abspath(args.out)
@@ -170,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     summary = seva_pairs.main(["--model", sft, "--prompts", os.path.join(world, "prompts", "train-*.tar"),
                                "--out", os.path.join(seva_dir, "seva-%06d.tar"), "--augment", args.augment,
                                "--t", str(args.t), "--limit", str(args.seva_prompts), "--max-new-tokens", "48",
-                               "--batch-size", str(args.batch_size), "--shard-size", "250", "--no-progress"])
+                               "--batch-size", str(args.batch_size), "--shard-size", "100", "--no-progress"])
     log(f"SeVa pairs: {json.dumps(summary)}")
     shards = sorted(glob.glob(os.path.join(seva_dir, "seva-*.tar")))
     if len(shards) < 2:

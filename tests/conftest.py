@@ -14,6 +14,13 @@ for sub in ("data_prep", "eval"):
         sys.path.insert(0, path)
 
 
+def pytest_configure(config):
+    import torch
+
+    # 2-core CI: one intra-op thread avoids oversubscription with DataLoader workers and subprocesses
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
