@@ -57,19 +57,29 @@ def train(config: str, run_dir: str, overrides: list[str]):
     return os.path.join(run_dir, "export")
 
 
-def swap_pairs(paths: Sequence[str], out_pattern: str) -> int:
-    """The control set: every pair with chosen and rejected exchanged."""
+def split_pairs(paths: Sequence[str], out: str, val_fraction: float = 0.1) -> tuple[str, str, str, int]:
+    """Re-shard SeVa pairs into train / val and a swapped copy of train (the control: chosen and rejected
+    exchanged). Returns the three shard paths and the number of training pairs."""
     from vlalign.data.shards import ShardWriter, read_shard
 
-    n = 0
-    with ShardWriter(out_pattern, max_count=10_000) as w:
-        for path in paths:
-            for record, images in read_shard(path):
-                record.chosen, record.rejected = record.rejected, record.chosen
-                record.meta = dict(record.meta, swapped=True)
-                w.write(record, images)
-                n += 1
-    return n
+    pairs = [s for path in paths for s in read_shard(path)]
+    n_val = max(1, int(len(pairs) * val_fraction))
+    if len(pairs) - n_val < 8:
+        raise SystemExit(f"only {len(pairs)} SeVa pairs survived the identical-answer filter: raise --t or "
+                         "--seva-prompts")
+    names = [os.path.join(out, f"{n}-000000.tar") for n in ("train", "val", "swapped")]
+    with ShardWriter(os.path.join(out, "train-%06d.tar"), max_count=10**6) as tr, \
+            ShardWriter(os.path.join(out, "val-%06d.tar"), max_count=10**6) as va, \
+            ShardWriter(os.path.join(out, "swapped-%06d.tar"), max_count=10**6) as sw:
+        for i, (record, images) in enumerate(pairs):
+            if i >= len(pairs) - n_val:
+                va.write(record, images)
+                continue
+            tr.write(record, images)
+            record.chosen, record.rejected = record.rejected, record.chosen
+            record.meta = dict(record.meta, swapped=True)
+            sw.write(record, images)
+    return (*names, len(pairs) - n_val)
 
 
 def answer(model: str, questions: str, image_root: str, out: str, max_new_tokens: int, batch_size: int):
@@ -143,7 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--sft-steps", type=int, default=500)
     p.add_argument("--seva-prompts", type=int, default=3000, help="prompts the SFT model answers twice")
     p.add_argument("--augment", default="diffusion")
-    p.add_argument("--t", type=int, default=800, help="diffusion step of the rejected view (500 changes few answers)")
+    p.add_argument("--t", type=int, default=900, help="diffusion step of the rejected view (at 500 the tiny model's "
+                   "answers rarely change; the better it is trained, the higher t must be)")
     p.add_argument("--dpo-steps", type=int, default=100, help="kept short: long DPO collapses the captions")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64, help="generation batch size")
@@ -176,21 +187,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                "--t", str(args.t), "--limit", str(args.seva_prompts), "--max-new-tokens", "48",
                                "--batch-size", str(args.batch_size), "--shard-size", "100", "--no-progress"])
     log(f"SeVa pairs: {json.dumps(summary)}")
-    shards = sorted(glob.glob(os.path.join(seva_dir, "seva-*.tar")))
-    if len(shards) < 2:
-        raise SystemExit("too few SeVa pairs survived the identical-answer filter to hold some out; raise --t or "
-                         "--seva-prompts")
-    val = shards[-1]  # held out: DPO's validation pairs (unswapped, for the control too)
-    sets = {"dpo": shards[:-1]}
+    train_set, val, swapped, n_train = split_pairs(sorted(glob.glob(os.path.join(seva_dir, "seva-*.tar"))),
+                                                   os.path.join(out, "pairs"))
+    log(f"{n_train} training pairs, the rest held out for DPO's validation")
+    sets = {"dpo": train_set}
     if args.control:
-        swapped = os.path.join(out, "seva_swapped")
-        swap_pairs(shards[:-1], os.path.join(swapped, "swapped-%06d.tar"))
-        sets["dpo_swapped"] = sorted(glob.glob(os.path.join(swapped, "*.tar")))
+        sets["dpo_swapped"] = swapped
     runs = {}
     for name, tr in sets.items():
         runs[name] = train("conf/dpo.yaml", os.path.join(out, name), [
             "--model.init_args.backbone.checkpoint", os.path.join(sft, "merged"), "--model.init_args.beta", str(args.beta),
-            "--data.train", json.dumps(tr), "--data.val", val, "--trainer.max_steps", str(args.dpo_steps),
+            "--data.train", tr, "--data.val", val, "--trainer.max_steps", str(args.dpo_steps),
             "--trainer.val_check_interval", str(args.dpo_steps), "--trainer.limit_val_batches", "20"])
 
     work = os.path.join(out, "eval")
