@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--sft", default=None, help="an existing SFT export to start from (skips step 1)")
     p.add_argument("--train-images", type=int, default=5000)
     p.add_argument("--test-images", type=int, default=1000, help="held-out images for POPE and CHAIR")
-    p.add_argument("--sft-steps", type=int, default=1000, help="SFT steps (the model must learn to look at the image)")
+    p.add_argument("--sft-steps", type=int, default=900, help="SFT steps (the model must learn to look at the image)")
     p.add_argument("--seva-prompts", type=int, default=3000, help="prompts the SFT model answers twice")
     p.add_argument("--augment", default="diffusion")
     p.add_argument("--t", type=int, default=900, help="diffusion step of the rejected view (at 500 the tiny model's "
