@@ -41,7 +41,7 @@ def test_sft_then_dpo_through_the_cli(tmp_path):
     assert os.path.exists(runs / "sft" / "export" / "merged" / "model.safetensors")
     assert _scalars(logdir, "perf/tokens_per_sec")
 
-    res = _fit("conf/dpo.yaml", tmp_path, "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+    _fit("conf/dpo.yaml", tmp_path, "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
                "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
                "--trainer.default_root_dir", str(runs / "dpo"), "--trainer.logger.init_args.save_dir", str(runs),
                "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),

@@ -1,7 +1,6 @@
 """The streaming DataModule: formats, worker splitting, determinism, resume positions, truncation."""
 
 import pytest
-import torch
 from PIL import Image
 
 from vlalign.data.module import ShardDataModule

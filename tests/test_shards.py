@@ -1,7 +1,6 @@
 """Shards: writing, safe decoding (never unpickle), clear errors naming shard and key, skip-and-count."""
 
 import io
-import os
 import pickle
 import tarfile
 

@@ -33,10 +33,9 @@ import contextlib
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data.chat import LLAVA_CHAT_TEMPLATE, TINY_CHAT_TEMPLATE
