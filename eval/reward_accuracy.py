@@ -11,7 +11,9 @@ format, packed layout), so the rewards are the ones validation computes. Reports
     margin_mean   = mean_i  r(x_i, y_w) - r(x_i, y_l)
     reward_mean / reward_std over all 2n rewards; chosen_mean, rejected_mean; n; skipped (reason -> count)
 
-plus a 95% percentile-bootstrap interval of the accuracy over pairs (``accuracy_ci``).
+plus a 95% percentile-bootstrap interval of the accuracy over pairs (``accuracy_ci``), and with ``--group-by KEY``
+(default ``corruption``, what the shapes world's records carry in ``meta``) the accuracy and count per value of
+the records' ``meta[KEY]`` (``by_group``; records without the key go under ``"(none)"``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from vlalign.data.module import ShardDataModule
+from vlalign.data.shards import expand_urls
 from vlalign.generation import count_samples
+
+
+def record_meta(urls: str, key: str) -> dict[str, object]:
+    """record id -> ``meta[key]`` of every record in the shards (reads the ``.json`` members only)."""
+    out = {}
+    for path in expand_urls(urls):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    obj = json.loads(tar.extractfile(member).read())
+                    if isinstance(obj, dict) and "id" in obj:
+                        out[str(obj["id"])] = (obj.get("meta") or {}).get(key, "(none)")
+    return out
+
+
+def grouped_accuracy(ids: Sequence[str], chosen: Sequence[float], rejected: Sequence[float],
+                     groups: dict) -> dict[str, dict]:
+    """{group value: {"accuracy", "n"}} over aligned pairs, sorted by value."""
+    acc: dict[str, list] = {}
+    for i, c, r in zip(ids, chosen, rejected):
+        acc.setdefault(str(groups.get(i, "(none)")), []).append(float(c > r))
+    return {g: {"accuracy": sum(v) / len(v), "n": len(v)} for g, v in sorted(acc.items())}
 
 
 def reward_metrics(chosen: Sequence[float], rejected: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -55,7 +81,7 @@ def run(args) -> dict:
     dm = ShardDataModule(train=args.shards, val=None, batch_size=args.batch_size, max_length=args.max_length,
                          num_workers=0, shuffle_buffer=0)
     dm.attach(scorer.backbone, {"format": "pairs", "layout": "packed", "num_responses": 2})
-    chosen, rejected, skipped = [], [], {}
+    chosen, rejected, ids, skipped = [], [], [], {}
     bar = tqdm(total=count_samples(args.shards), desc="scoring pairs", unit="pair", disable=not args.progress,
                dynamic_ncols=True)
     for batch in dm.stream("train", shuffle=False, batch_size=args.batch_size):
@@ -64,12 +90,17 @@ def run(args) -> dict:
             skipped[reason] = skipped.get(reason, 0) + n
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         rewards = scorer.score_batch(batch).float().cpu()  # (batch, 2)
+        ids += [str(i) for i in batch["ids"]]
         chosen += rewards[:, 0].tolist()
         rejected += rewards[:, 1].tolist()
         bar.update(rewards.shape[0] + sum(batch_skipped.values()))
     bar.close()
     metrics = {**reward_metrics(chosen, rejected, seed=args.seed), "skipped": skipped,
                "reward_model": args.reward_model, "shards": args.shards}
+    if args.group_by:
+        groups = record_meta(args.shards, args.group_by)
+        if any(v != "(none)" for v in groups.values()):
+            metrics["by_group"] = {args.group_by: grouped_accuracy(ids, chosen, rejected, groups)}
     print(json.dumps(metrics, indent=1))
     if args.out:
         with open(args.out, "w") as f:
@@ -85,6 +116,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512, help="as in training; longer pairs are truncated")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap interval")
+    p.add_argument("--group-by", default="corruption",
+                   help="also report accuracy per value of this record meta key ('' for none)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--no-progress", dest="progress", action="store_false")

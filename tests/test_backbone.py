@@ -127,3 +127,13 @@ def test_adapter_export_reloads_as_trainable_adapter(make_backbone, tmp_path):
         torch.testing.assert_close(bb.hidden_states(ids, torch.ones_like(ids)),
                                    again.hidden_states(ids, torch.ones_like(ids)))
     assert any(p.requires_grad for n, p in again.model.named_parameters() if "lora_" in n)
+
+
+def test_generate_never_emits_the_image_token(make_backbone):
+    bb = make_backbone().eval()
+    with torch.no_grad():  # make <image> the most likely next token everywhere
+        bb.model.lm_head.weight[bb.image_token_id] = bb.model.lm_head.weight.abs().max() * 50
+    ids = torch.tensor([[bb.tokenizer.bos_token_id] + bb.tokenizer("Describe", add_special_tokens=False)["input_ids"]])
+    new = bb.generate(ids, torch.ones_like(ids), None, max_new_tokens=4)
+    assert new.shape[1] >= 1 and bb.image_token_id not in new.tolist()[0]
+    assert bb.generate(ids, torch.ones_like(ids), None, max_new_tokens=1, synced_gpus=False).shape == (1, 1)

@@ -1,8 +1,15 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through Lightning on CPU processes (the test-only strategy in deepspeed_cpu.py).
 
-Each run starts from an exported checkpoint with LoRA (B = 0, so the first loss is the base model's) and must
-give the same first-step loss as the plain strategy: under ZeRO-3 that proves the checkpoint was loaded into the
-partitioned parameters. Runs go in subprocesses: DeepSpeed initialises a process group per run.
+Each run starts from exported checkpoints and must reproduce the plain strategy's first figure:
+
+* SFT with LoRA (B = 0, so the first loss is the base model's): under ZeRO-3 that proves the checkpoint was
+  loaded into the partitioned parameters;
+* the reward model's first loss: its value head, created inside ``deepspeed.zero.Init``, got the same
+  initialisation;
+* PPO's first rollout: the reward model (backbone and head) loaded into partitions scores the same responses,
+  and the critic head starts equal to the reward model's head.
+
+Runs go in subprocesses: DeepSpeed initialises a process group per run.
 """
 
 import json
@@ -11,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,52 +28,100 @@ sys.path.insert(0, {here!r})
 import lightning as L
 import torch
 from deepspeed_cpu import CPUDeepSpeedStrategy
-from vlalign.backbone import BackboneConfig
+from vlalign.backbone import BackboneConfig, LoraSpec, gathered
 from vlalign.data.module import ShardDataModule
 from vlalign.optim import OptimConfig
-from vlalign.sft import SFTModule
 
-stage, ckpt, shards = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-losses = []
+kind, stage, ckpt, shards, reward = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+out = {{"losses": []}}
 
 class Grab(L.Callback):
+    def on_fit_start(self, trainer, module):
+        if kind == "ppo":
+            with gathered([module.critic_head.weight, module.reward.head.weight], modify=False):
+                out["critic_head_diff"] = float((module.critic_head.weight - module.reward.head.weight).abs().max())
+            out["critic_head_shape"] = list(module.critic_head.weight.shape)
+
+    def on_train_batch_start(self, trainer, module, batch, idx):
+        if idx == 0:
+            torch.manual_seed(0)  # the same sampled rollout whatever the strategy consumed from the RNG before
+
     def on_train_batch_end(self, trainer, module, outputs, batch, idx):
-        losses.append(float(outputs["loss"]))
+        if kind == "ppo":
+            out["losses"].append(float(trainer.callback_metrics["ppo/reward_mean"]))
+        else:
+            out["losses"].append(float(outputs["loss"]))
 
 L.seed_everything(0)
-module = SFTModule(BackboneConfig(checkpoint=ckpt, lora={{"r": 4, "alpha": 8}}, train_projector=False), OptimConfig(lr=1e-3))
+lora = LoraSpec(r=4, alpha=8, dropout=0.0)
+if kind == "sft":
+    from vlalign.sft import SFTModule
+    module = SFTModule(BackboneConfig(checkpoint=ckpt, lora=lora, train_projector=False), OptimConfig(lr=1e-3))
+elif kind == "reward":
+    from vlalign.reward import RewardModule
+    module = RewardModule(BackboneConfig(checkpoint=ckpt, train_projector=False, train_language=False),
+                          OptimConfig(lr=1e-3))  # the head alone trains: its initialisation decides the first loss
+elif kind == "ppo":
+    from vlalign.ppo import PPOModule
+    module = PPOModule(BackboneConfig(checkpoint=ckpt, lora=lora, train_projector=False), reward,
+                       OptimConfig(lr=1e-3), max_new_tokens=6, ppo_epochs=1, sample_every=0, critic_lora=lora)
 dm = ShardDataModule(train=shards, val=None, batch_size=4, num_workers=0, shuffle_buffer=0)
 strategy = "auto" if stage == 0 else CPUDeepSpeedStrategy(stage=stage)
-trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, strategy=strategy, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Grab()])
+trainer = L.Trainer(max_steps=2 if kind == "ppo" else 3, accelerator="cpu", devices=1, strategy=strategy,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[Grab()])
 trainer.fit(module, dm)
-print("RESULT " + json.dumps(losses))
+print("RESULT " + json.dumps(out))
 """
+
+SHARDS = {"sft": "sft/train-*.tar", "reward": "preference/train-*.tar", "ppo": "prompts/train-*.tar"}
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, make_backbone):
-    out = tmp_path_factory.mktemp("ds") / "tiny"
-    make_backbone().export_merged(str(out))
-    return str(out)
+    """A tiny merged checkpoint and a reward-model export built on it (random value head)."""
+    from vlalign.backbone import BackboneConfig
+    from vlalign.reward import RewardModule, save_head
+
+    root = tmp_path_factory.mktemp("ds")
+    base = str(root / "tiny")
+    make_backbone().export_merged(base)
+    rm = RewardModule(BackboneConfig(checkpoint=base, train_vision=False, train_projector=False, train_language=False))
+    torch.manual_seed(1)
+    rm.configure_model()
+    reward = str(root / "reward")
+    rm.backbone.export_merged(f"{reward}/merged")
+    save_head(rm.head, reward, rm.backbone)
+    return base, reward
 
 
-def _run(stage, ckpt, shards, tmp_path):
-    script = tmp_path / f"run{stage}.py"
+_PLAIN: dict = {}
+
+
+def _run(kind, stage, exported, shapes_dir, tmp_path):
+    if stage == 0 and kind in _PLAIN:
+        return _PLAIN[kind]
+    base, reward = exported
+    script = tmp_path / f"run_{kind}{stage}.py"
     script.write_text(SCRIPT.format(here=HERE))
     env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + stage),
-               HF_HUB_OFFLINE="1")
-    res = subprocess.run([sys.executable, str(script), str(stage), ckpt, shards], capture_output=True, text=True,
-                         env=env, timeout=600, cwd=str(tmp_path))
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(script), kind, str(stage), base, f"{shapes_dir}/{SHARDS[kind]}", reward],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
     lines = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
     assert res.returncode == 0 and lines, res.stderr[-4000:]
-    return json.loads(lines[-1][7:])
+    out = json.loads(lines[-1][7:])
+    if stage == 0:
+        _PLAIN[kind] = out
+    return out
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stages_match_plain_first_step(stage, exported, shapes_dir, tmp_path):
-    shards = f"{shapes_dir}/sft/train-*.tar"
-    plain = _run(0, exported, shards, tmp_path)
-    zero = _run(stage, exported, shards, tmp_path)
-    assert len(zero) == 3 and all(l == l for l in zero)  # finite
-    assert abs(zero[0] - plain[0]) < 1e-4, (zero, plain)
+@pytest.mark.parametrize("kind,stage", [("sft", 2), ("sft", 3), ("reward", 3), ("ppo", 3)])
+def test_zero_stages_match_plain_first_step(kind, stage, exported, shapes_dir, tmp_path):
+    plain = _run(kind, 0, exported, shapes_dir, tmp_path)
+    zero = _run(kind, stage, exported, shapes_dir, tmp_path)
+    steps = 2 if kind == "ppo" else 3
+    assert len(zero["losses"]) == steps and all(l == l for l in zero["losses"])  # finite
+    assert abs(zero["losses"][0] - plain["losses"][0]) < 1e-4, (zero, plain)
+    if kind == "ppo":
+        assert zero["critic_head_diff"] == 0.0 and plain["critic_head_diff"] == 0.0

@@ -109,6 +109,10 @@ def test_reward_metrics_by_hand():
     assert m["reward_mean"] == pytest.approx(10 / 6) and m["n"] == 3
     assert m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]
     assert reward_accuracy.reward_metrics([1.0], [1.0])["accuracy"] == 0.0  # a tie is not a win
+    groups = reward_accuracy.grouped_accuracy(["a", "b", "c", "d"], [1.0, 2.0, 3.0, 0.0], [0.0, 3.0, 1.0, 0.0],
+                                              {"a": "x", "b": "x", "c": "y"})
+    assert groups == {"(none)": {"accuracy": 0.0, "n": 1}, "x": {"accuracy": 0.5, "n": 2},
+                      "y": {"accuracy": 1.0, "n": 1}}
 
 
 def test_reward_accuracy_on_shards(shapes_dir, tmp_path):
@@ -124,3 +128,5 @@ def test_reward_accuracy_on_shards(shapes_dir, tmp_path):
                               "--batch-size", "16", "--out", str(out), "--device", "cpu", "--no-progress"])
     assert m["n"] == 60 and not m["skipped"] and 0.0 <= m["accuracy"] <= 1.0
     assert json.loads(out.read_text())["accuracy"] == m["accuracy"]
+    by = m["by_group"]["corruption"]  # the shapes world's records say how the rejected answer was corrupted
+    assert sum(g["n"] for g in by.values()) == 60 and "(none)" not in by and "flipped_answer" in by

@@ -317,6 +317,23 @@ def _init_lora_gathered(model: nn.Module, seed: int):
                 nn.init.zeros_(p)
 
 
+def gathered(params, modify: bool = True):
+    """Context in which ZeRO-3 partitioned ``params`` are whole on every rank (rank 0's in-place edits are kept
+    and broadcast when ``modify``); a no-op for ordinary parameters. Use it to initialise or copy weights that
+    were created inside ``deepspeed.zero.Init`` (e.g. in ``configure_model`` under ZeRO-3)."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def partitioned(module: nn.Module) -> bool:
+    """True when ``module``'s parameters are ZeRO-3 partitions."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def deepspeed_config_of(trainer) -> Optional[dict]:
     """The DeepSpeed config of a trainer running ZeRO stage 3, else None."""
     strategy = getattr(trainer, "strategy", None)
@@ -562,14 +579,22 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor],
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, use_adapter: bool = True) -> torch.Tensor:
+                 top_p: float = 1.0, top_k: int = 0, use_adapter: bool = True,
+                 synced_gpus: Optional[bool] = None) -> torch.Tensor:
         """Batched generation with the KV cache from left-padded prompts (batch, seq).
 
+        The ``<image>`` token is never generated (a response holding it would not encode). ``synced_gpus`` keeps
+        every rank stepping until all are done, which ZeRO-3 needs (each forward gathers parameters from all
+        ranks); default: on when the parameters are ZeRO-3 partitions and more than one process runs.
         Returns the new tokens only, (batch, new), padded with the pad id after EOS.
         """
         m = self._need()
+        if synced_gpus is None:
+            synced_gpus = (partitioned(m) and torch.distributed.is_available() and torch.distributed.is_initialized()
+                           and torch.distributed.get_world_size() > 1)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id,
-                      eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+                      eos_token_id=self.tokenizer.eos_token_id, use_cache=True, synced_gpus=synced_gpus,
+                      suppress_tokens=[self.image_token_id])
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # silence the sampling options a checkpoint's generation_config may carry
@@ -582,7 +607,9 @@ class Backbone(nn.Module):
                 pv = pixel_values if pixel_values is not None and pixel_values.numel() else None
                 if pv is not None:
                     pv = pv.to(m.model.vision_tower.embeddings.patch_embedding.weight.dtype)
-                out = m.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pv, **kwargs)
+                if pv is not None:  # (passing pixel_values=None makes transformers run the vision tower on None)
+                    kwargs["pixel_values"] = pv
+                out = m.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             m.train(was_training)
         return out[:, input_ids.shape[1]:]

@@ -54,7 +54,7 @@ from .logps import pair_hidden, pair_image_features, pair_logps
 from .losses import (entropy_from_logits, gae, masked_mean, masked_var, masked_whiten, normalize_score,
                      ppo_policy_loss, ppo_value_loss, token_rewards)
 from .optim import OptimConfig, build_optimizer
-from .reward import RewardScorer, pair_rewards
+from .reward import RewardScorer, load_head, pair_rewards
 
 
 @contextlib.contextmanager
@@ -167,9 +167,10 @@ class PPOModule(L.LightningModule):
         if self.ref_backbone is not None:
             self.ref_backbone.build(ds).requires_grad_(False)
         if self.reward is None:
-            self.reward = RewardScorer.load(self.hparams.reward_model, dtype=self.backbone.config.dtype)
-            self.critic_head = nn.Linear(self.reward.head.in_features, 1, bias=False)
-            self.critic_head.weight.data.copy_(self.reward.head.weight.data)  # V starts as the reward model
+            self.reward = RewardScorer.load(self.hparams.reward_model, dtype=self.backbone.config.dtype,
+                                            deepspeed_config=ds)
+            self.critic_head = load_head(os.path.join(self.hparams.reward_model, "value_head.safetensors"))
+            # V starts as the reward model: critic backbone = the reward model's, critic head = its value head
         check_same_tokenizer(self.backbone, self.reward.backbone)
         self.train(self.training)
 

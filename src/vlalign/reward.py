@@ -24,17 +24,35 @@ import torch
 import torchmetrics
 from torch import nn
 
-from .backbone import Backbone, BackboneConfig, deepspeed_config_of
+from .backbone import Backbone, BackboneConfig, deepspeed_config_of, gathered
 from .checkpoint import export_backbone, keep_trainable
 from .logps import pair_hidden, pair_image_features
 from .losses import RANKING_LOSSES
 from .optim import OptimConfig, build_optimizer
 
 
-def value_head(hidden_size: int) -> nn.Linear:
-    """A bias-free linear head, initialised small so initial rewards are near zero."""
+def value_head(hidden_size: int, seed: int = 0) -> nn.Linear:
+    """A bias-free linear head, initialised small (std 1 / sqrt(hidden + 1)) so initial rewards are near zero.
+
+    The initialisation draws from its own generator seeded with ``seed``: the same head whatever ran before it
+    (plain, DDP or ZeRO-3, where it is created inside ``deepspeed.zero.Init`` and initialised gathered).
+    """
     head = nn.Linear(hidden_size, 1, bias=False)
-    nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+    generator = torch.Generator().manual_seed(seed)
+    with gathered(head.parameters()), torch.no_grad():
+        w = torch.randn(head.weight.shape, generator=generator) / (hidden_size + 1) ** 0.5
+        head.weight.copy_(w.to(head.weight.dtype))
+    return head
+
+
+def load_head(path: str) -> nn.Linear:
+    """The value head saved by ``save_head`` (works inside ``deepspeed.zero.Init``)."""
+    from safetensors.torch import load_file
+
+    w = load_file(path)["weight"]
+    head = nn.Linear(w.shape[1], 1, bias=False)
+    with gathered(head.parameters()), torch.no_grad():
+        head.weight.copy_(w.to(head.weight.dtype))
     return head
 
 
@@ -56,12 +74,13 @@ class RewardModule(L.LightningModule):
         loss: ``bradley_terry`` (pairs) or ``plackett_luce`` (k ranked candidates).
         num_responses: 2 for chosen/rejected; k > 2 uses the first k ranked candidates.
         layout: ``packed`` (prompt once per example) or ``plain``.
+        head_seed: seed of the value head's initialisation (its own generator: the same head under any strategy).
         export_dir: export the reward model there at the end of ``fit``.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(lr=1e-4),
                  loss: str = "bradley_terry", num_responses: int = 2, layout: str = "packed",
-                 export_dir: Optional[str] = None):
+                 head_seed: int = 0, export_dir: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters()
         if loss not in RANKING_LOSSES:
@@ -81,7 +100,7 @@ class RewardModule(L.LightningModule):
     def configure_model(self):
         self.backbone.build(deepspeed_config_of(self._trainer))
         if self.head is None:
-            self.head = value_head(self.backbone.model.config.text_config.hidden_size)
+            self.head = value_head(self.backbone.model.config.text_config.hidden_size, self.hparams.head_seed)
 
     def configure_optimizers(self):
         named = list(self.backbone.named_trainable()) + [("head", n, p) for n, p in self.head.named_parameters()]
@@ -116,8 +135,10 @@ class RewardModule(L.LightningModule):
 
     def on_fit_end(self):
         export_backbone(self, self.export_dir)
-        if self.export_dir and self.trainer.global_rank == 0:
-            save_head(self.head, self.export_dir, self.backbone)
+        if self.export_dir:
+            with gathered(self.head.parameters(), modify=False):  # collective under ZeRO-3: every rank enters
+                if self.trainer.global_rank == 0:
+                    save_head(self.head, self.export_dir, self.backbone)
 
 
 def save_head(head: nn.Linear, export_dir: str, backbone: Backbone):
@@ -143,17 +164,13 @@ class RewardScorer(nn.Module):
         self.eval()
 
     @classmethod
-    def load(cls, path: str, dtype: str = "float32") -> "RewardScorer":
-        from safetensors.torch import load_file
-
+    def load(cls, path: str, dtype: str = "float32", deepspeed_config: Optional[dict] = None) -> "RewardScorer":
+        """deepspeed_config: the ZeRO-3 config when loading inside a ZeRO-3 run (``deepspeed_config_of``)."""
         if not os.path.exists(os.path.join(path, "value_head.safetensors")):
             raise FileNotFoundError(f"{path} has no value_head.safetensors: is it a RewardModule export_dir?")
         bb = Backbone(BackboneConfig(checkpoint=os.path.join(path, "merged"), train_vision=False,
-                                     train_projector=False, train_language=False, dtype=dtype)).build()
-        w = load_file(os.path.join(path, "value_head.safetensors"))["weight"]
-        head = nn.Linear(w.shape[1], 1, bias=False)
-        head.weight.data.copy_(w)
-        return cls(bb, head)
+                                     train_projector=False, train_language=False, dtype=dtype)).build(deepspeed_config)
+        return cls(bb, load_head(os.path.join(path, "value_head.safetensors")))
 
     def train(self, mode: bool = True):
         return super().train(False)  # always in eval mode: a frozen judge

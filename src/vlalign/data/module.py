@@ -108,7 +108,7 @@ class ShardDataModule(L.LightningDataModule):
             self.attach(module.backbone, module.batch_spec())
         # Lightning's DeepSpeed strategy reads the micro-batch size off the DataLoader's batch sampler, which a
         # stream that batches inside its workers does not have: tell it directly.
-        config = getattr(self.trainer.strategy, "config", None)
+        config = getattr(getattr(self.trainer, "strategy", None), "config", None)
         if isinstance(config, dict) and "train_micro_batch_size_per_gpu" not in config:
             config["train_micro_batch_size_per_gpu"] = self.batch_size
 
