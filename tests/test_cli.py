@@ -1,4 +1,5 @@
-"""The README's training commands through the real CLI, shortened: SFT from scratch, then DPO from its export."""
+"""The README's training commands through the real CLI, shortened: SFT from scratch, then DPO, the reward model and
+PPO from its export (PPO scoring with that reward model)."""
 
 import glob
 import os
@@ -26,7 +27,7 @@ def _scalars(logdir, tag):
     return [e.value for e in ea.Scalars(tag)]
 
 
-def test_sft_then_dpo_through_the_cli(tmp_path):
+def test_sft_then_dpo_reward_and_ppo_through_the_cli(tmp_path):
     runs = tmp_path / "runs"
     _fit("conf/sft.yaml", tmp_path, "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
          "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "5",
@@ -51,6 +52,27 @@ def test_sft_then_dpo_through_the_cli(tmp_path):
                 "logps/rejected", "loss", "val/rewards/accuracies"):
         assert _scalars(logdir, tag), tag
     assert os.path.exists(runs / "dpo" / "export" / "adapter" / "adapter_model.safetensors")
+
+    _fit("conf/reward.yaml", tmp_path, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+         "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
+         "--trainer.default_root_dir", str(runs / "reward"), "--trainer.logger.init_args.save_dir", str(runs),
+         "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
+         "--model.init_args.export_dir", str(runs / "reward" / "export"))
+    logdir = glob.glob(str(runs / "reward" / "version_*"))[0]
+    for tag in ("train/loss", "train/accuracy", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"):
+        assert _scalars(logdir, tag), tag
+    assert os.path.exists(runs / "reward" / "export" / "value_head.safetensors")
+
+    _fit("conf/ppo.yaml", tmp_path, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+         "--trainer.limit_val_batches", "1", "--model.init_args.max_new_tokens", "8",
+         "--trainer.default_root_dir", str(runs / "ppo"), "--trainer.logger.init_args.save_dir", str(runs),
+         "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
+         "--model.init_args.reward_model", str(runs / "reward" / "export"),
+         "--model.init_args.export_dir", str(runs / "ppo" / "export"))
+    logdir = glob.glob(str(runs / "ppo" / "version_*"))[0]
+    for tag in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "val/reward_mean", "val/kl"):
+        assert _scalars(logdir, tag), tag
+    assert os.path.exists(runs / "ppo" / "export" / "merged" / "model.safetensors")
 
 
 def test_missing_checkpoint_gives_a_clear_error(tmp_path):
