@@ -41,8 +41,8 @@ import sys
 from collections import Counter
 from typing import Optional, Sequence
 
-from vlalign.data.schema import IMAGE_EXTENSIONS, PreferenceRecord, SFTRecord
-from vlalign.data.shards import SampleError, ShardWriter, decode_sample, expand_urls
+from vlalign.data.schema import PreferenceRecord, SFTRecord
+from vlalign.data.shards import SampleError, ShardWriter, decode_sample, expand_urls, image_members
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 PAIR_ATTRIBUTES = ("helpfulness", "correctness", "coherence")  # summed into the pair rule's score
@@ -137,16 +137,6 @@ def group_records(record: PreferenceRecord, rng: random.Random) -> tuple[dict, s
     return out, "" if pair is not None else "spread_below_2"
 
 
-def _image_members(raw: dict) -> list[tuple[str, bytes]]:
-    """A raw sample's image members as ``(extension, bytes)``, in the order the reader decodes them."""
-    single = [k for k in raw if k.lower() in IMAGE_EXTENSIONS]
-    if single:
-        return [(single[0].lower(), raw[single[0]])]
-    numbered = sorted((int(k.split(".")[0]), k) for k in raw
-                      if k.split(".")[0].isdigit() and k.partition(".")[2].lower() in IMAGE_EXTENSIONS)
-    return [(k.partition(".")[2].lower(), raw[k]) for _, k in numbered]
-
-
 def _write(writer: ShardWriter, record, images: list[tuple[str, bytes]]):
     # the writer names image members by its image_format: give it this sample's own, so bytes keep their name
     writer.image_format = images[0][0] if images else writer.image_format
@@ -188,7 +178,7 @@ def run(args) -> dict:
                 continue
             if reason:
                 skipped[reason] += 1
-            images = _image_members(raw)
+            images = image_members(raw)
             for kind, records in out.items():
                 for r in records:
                     _write(writers[kind], r, images)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from dataclasses import replace
 from typing import Optional, Sequence
@@ -38,9 +37,9 @@ import torch
 from vlalign.data.chat import Encoder
 from vlalign.data.collate import PairExample, collate_pairs
 from vlalign.data.pipeline import Encode
-from vlalign.data.schema import IMAGE_EXTENSIONS, LogProb, PreferenceRecord
-from vlalign.data.shards import SampleError, ShardWriter, decode_sample, expand_urls
-from vlalign.generation import batched, count_samples, load_model, model_fingerprint
+from vlalign.data.schema import LogProb, PreferenceRecord
+from vlalign.data.shards import SampleError, ShardWriter, decode_sample, expand_urls, image_members
+from vlalign.generation import add_runtime_args, batched, count_samples, load_model, model_fingerprint, report
 from vlalign.logps import pair_logps
 
 UNLIMITED = 1 << 30
@@ -86,16 +85,6 @@ def score(backbone, examples: list[PairExample], layout: str = "packed") -> list
     out = pair_logps(backbone, batch)
     s, m, n = out["sum"].double().cpu().tolist(), out["mean"].double().cpu().tolist(), out["tokens"].cpu().tolist()
     return [[LogProb(s[b][i], m[b][i], int(n[b][i])) for i in range(len(s[b]))] for b in range(len(examples))]
-
-
-def image_members(raw: dict) -> list[tuple[str, bytes]]:
-    """A raw sample's image members as ``(extension, bytes)``, in the order ``decode_sample`` reads them."""
-    single = [k for k in raw if k.lower() in IMAGE_EXTENSIONS]
-    if single:
-        return [(single[0].lower(), raw[single[0]])]
-    numbered = sorted((int(k.split(".")[0]), k) for k in raw
-                      if k.split(".")[0].isdigit() and k.partition(".")[2].lower() in IMAGE_EXTENSIONS)
-    return [(k.partition(".")[2].lower(), raw[k]) for _, k in numbered]
 
 
 def read_raw(urls, limit: Optional[int]):
@@ -165,8 +154,7 @@ def run(args) -> dict:
     bar.close()
     summary = {"scored": scored, "unscored": dict(unscored), "written_unscored": kept_unscored, "model": name,
                "max_length": args.max_length, "shards": writer.paths}
-    print(json.dumps(summary, indent=1), file=sys.stderr)
-    return summary
+    return report(summary)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -183,8 +171,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--model-name", default=None, help="ref_logps.model (default: dir name @ weights hash)")
     p.add_argument("--limit", type=int, default=None, help="read at most this many records")
     p.add_argument("--shard-size", type=int, default=1000, help="records per output shard")
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_runtime_args(p, dtype=False)  # reference log-probs are computed in float32
     return p.parse_args(argv)
 
 

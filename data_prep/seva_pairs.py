@@ -25,9 +25,7 @@ prompts. SeVa generated up to 512 new tokens with LLaVA-1.5-7B; raise ``--max-ne
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import sys
 from collections import Counter
 from typing import Optional, Sequence
 
@@ -36,8 +34,8 @@ import torch
 import augment  # data_prep/augment.py, beside this script
 from vlalign.data.schema import PreferenceRecord, PromptRecord
 from vlalign.data.shards import ShardWriter
-from vlalign.generation import (Sampling, View, as_prompt, count_samples, generate_views, load_model,
-                                model_fingerprint, prompt_encode, read_samples, record_seed)
+from vlalign.generation import (Sampling, View, add_runtime_args, as_prompt, count_samples, generate_views, load_model,
+                                model_fingerprint, prompt_encode, read_samples, record_seed, report)
 
 OCRVQA_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -119,11 +117,7 @@ def run(args) -> dict:
             kept += 1
     summary = {"kept": kept, "dropped": dict(dropped), "skipped": dict(skipped), **info, "shards": writer.paths}
     summary["read"] = kept + sum(dropped.values()) + sum(skipped.values())
-    print(json.dumps(summary, indent=1), file=sys.stderr)
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
+    return report(summary, args.summary)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -141,10 +135,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
     p.add_argument("--limit", type=int, default=None, help="read at most this many prompts")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per output shard")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--summary", default=None, help="also write the summary JSON here")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_runtime_args(p, summary=True)
     return p.parse_args(argv)
 
 

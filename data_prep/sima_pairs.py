@@ -29,16 +29,14 @@ decoding allows 1024 new tokens (4096 for the critic): raise ``--max-new-tokens`
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 from collections import Counter
 from typing import Optional, Sequence
 
 from vlalign.data.schema import IMAGE_TOKEN, PreferenceRecord, PromptRecord
 from vlalign.data.shards import ShardWriter
-from vlalign.generation import (Sampling, View, as_prompt, batched, count_samples, generate_views, load_model,
-                                model_fingerprint, prompt_encode, read_samples)
+from vlalign.generation import (Sampling, View, add_runtime_args, as_prompt, batched, count_samples, generate_views,
+                                load_model, model_fingerprint, prompt_encode, read_samples, report)
 
 METRICS = (
     ("Accuracy in object description",
@@ -190,11 +188,7 @@ def run(args) -> dict:
     summary = {"read": n_read, "kept": kept, "dropped": dict(dropped), "skipped": dict(skipped),
                "verdicts": dict(verdicts), "chosen_from": dict(chosen_from), "model": model_name,
                "shards": writer.paths}
-    print(json.dumps(summary, indent=1), file=sys.stderr)
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
+    return report(summary, args.summary)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -212,10 +206,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")
     p.add_argument("--limit", type=int, default=None, help="read at most this many prompts")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per output shard")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--summary", default=None, help="also write the summary JSON here")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_runtime_args(p, summary=True)
     return p.parse_args(argv)
 
 

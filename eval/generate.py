@@ -35,8 +35,8 @@ from typing import Iterator, Optional, Sequence
 from PIL import Image
 
 from vlalign.data.schema import PromptRecord
-from vlalign.generation import (Sampling, View, count_samples, generate_views, load_model, prompt_encode,
-                                read_samples)
+from vlalign.generation import (Sampling, View, add_runtime_args, count_samples, generate_views, load_model,
+                                prompt_encode, read_samples)
 
 ID_KEYS = ("question_id", "image_id")
 
@@ -120,9 +120,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (unused when greedy)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N prompts")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tarfile
 from typing import Optional, Sequence
 
@@ -28,7 +29,7 @@ import torch
 
 from vlalign.data.module import ShardDataModule
 from vlalign.data.shards import expand_urls
-from vlalign.generation import count_samples
+from vlalign.generation import add_runtime_args, count_samples, report
 
 
 def record_meta(urls: str, key: str) -> dict[str, object]:
@@ -100,11 +101,7 @@ def run(args) -> dict:
         groups = record_meta(args.shards, args.group_by)
         if any(v != "(none)" for v in groups.values()):
             metrics["by_group"] = {args.group_by: grouped_accuracy(ids, chosen, rejected, groups)}
-    print(json.dumps(metrics, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=1)
-    return metrics
+    return report(metrics, args.out, stream=sys.stdout)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -117,9 +114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap interval")
     p.add_argument("--group-by", default="corruption",
                    help="also report accuracy per value of this record meta key ('' for none)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 

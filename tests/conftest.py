@@ -59,3 +59,21 @@ def make_backbone():
         return Backbone(BackboneConfig(**overrides)).build()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def reward_export(tmp_path_factory, make_backbone):
+    """(base, reward): a tiny merged checkpoint standing in for the SFT model, and a reward model exported from it
+    through RewardModule's export path (its merged backbone and a freshly initialised value head)."""
+    from vlalign.backbone import BackboneConfig
+    from vlalign.reward import RewardModule, save_head
+
+    root = tmp_path_factory.mktemp("reward_export")
+    base = str(root / "base")
+    make_backbone().export_merged(base)
+    rm = RewardModule(BackboneConfig(checkpoint=base, train_vision=False, train_projector=False, train_language=False))
+    rm.configure_model()
+    reward = str(root / "reward")
+    rm.backbone.export_merged(f"{reward}/merged")
+    save_head(rm.head, reward, rm.backbone)
+    return base, reward

@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,24 +76,6 @@ print("RESULT " + json.dumps(out))
 SHARDS = {"sft": "sft/train-*.tar", "reward": "preference/train-*.tar", "ppo": "prompts/train-*.tar"}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, make_backbone):
-    """A tiny merged checkpoint and a reward-model export built on it (random value head)."""
-    from vlalign.backbone import BackboneConfig
-    from vlalign.reward import RewardModule, save_head
-
-    root = tmp_path_factory.mktemp("ds")
-    base = str(root / "tiny")
-    make_backbone().export_merged(base)
-    rm = RewardModule(BackboneConfig(checkpoint=base, train_vision=False, train_projector=False, train_language=False))
-    torch.manual_seed(1)
-    rm.configure_model()
-    reward = str(root / "reward")
-    rm.backbone.export_merged(f"{reward}/merged")
-    save_head(rm.head, reward, rm.backbone)
-    return base, reward
-
-
 _PLAIN: dict = {}
 
 
@@ -117,9 +98,9 @@ def _run(kind, stage, exported, shapes_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kind,stage", [("sft", 2), ("sft", 3), ("reward", 3), ("ppo", 3)])
-def test_zero_stages_match_plain_first_step(kind, stage, exported, shapes_dir, tmp_path):
-    plain = _run(kind, 0, exported, shapes_dir, tmp_path)
-    zero = _run(kind, stage, exported, shapes_dir, tmp_path)
+def test_zero_stages_match_plain_first_step(kind, stage, reward_export, shapes_dir, tmp_path):
+    plain = _run(kind, 0, reward_export, shapes_dir, tmp_path)
+    zero = _run(kind, stage, reward_export, shapes_dir, tmp_path)
     steps = 2 if kind == "ppo" else 3
     assert len(zero["losses"]) == steps and all(l == l for l in zero["losses"])  # finite
     assert abs(zero["losses"][0] - plain["losses"][0]) < 1e-4, (zero, plain)

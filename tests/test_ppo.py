@@ -11,7 +11,6 @@ from vlalign.backbone import Backbone, BackboneConfig, LoraSpec, TinySpec
 from vlalign.data.module import ShardDataModule
 from vlalign.optim import OptimConfig
 from vlalign.ppo import PPOModule, check_same_tokenizer
-from vlalign.reward import RewardModule, save_head
 
 METRICS = ("reward_mean", "reward_normalised_mean", "kl", "policy_loss", "value_loss", "clip_fraction",
            "value_clip_fraction", "approx_kl", "entropy", "response_length", "advantage_mean", "advantage_std",
@@ -19,20 +18,8 @@ METRICS = ("reward_mean", "reward_normalised_mean", "kl", "policy_loss", "value_
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, make_backbone):
-    """A tiny model standing in for the SFT model, and a reward model exported from it through RewardModule's
-    export path (its merged backbone and a random value head)."""
-    root = tmp_path_factory.mktemp("ppo")
-    base = str(root / "base")
-    make_backbone().export_merged(base)
-    rm = RewardModule(BackboneConfig(checkpoint=base, train_vision=False, train_projector=False,
-                                     train_language=False))
-    torch.manual_seed(1)
-    rm.configure_model()
-    export = str(root / "reward")
-    rm.backbone.export_merged(f"{export}/merged")
-    save_head(rm.head, export, rm.backbone)
-    return base, export
+def models(reward_export):
+    return reward_export
 
 
 def _module(models, **kw):

@@ -28,7 +28,9 @@ record then does not depend on the batch it was in.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from PIL import Image
 
-from .backbone import Backbone, BackboneConfig
+from .backbone import DTYPES, Backbone, BackboneConfig
 from .data.chat import Encoder
 from .data.collate import PromptExample, collate_prompts
 from .data.pipeline import Encode
@@ -267,3 +269,25 @@ def generate_views(backbone: Backbone, samples: Iterable[tuple[Record, list]], v
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ scripts
+def add_runtime_args(parser, dtype: bool = True, summary: bool = False):
+    """Add the options the model-running scripts of ``data_prep/`` and ``eval/`` share: ``--dtype`` (weights),
+    ``--device``, ``--no-progress`` and, with ``summary``, ``--summary`` (a path for the run's summary JSON)."""
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the model weights")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    if summary:
+        parser.add_argument("--summary", default=None, help="also write the summary JSON here")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def report(summary: dict, path: Optional[str] = None, stream=None) -> dict:
+    """Print ``summary`` as indented JSON to ``stream`` (default stderr, so stdout stays for data) and, when
+    ``path`` is given, write it there too. Returns ``summary``."""
+    print(json.dumps(summary, indent=1), file=stream or sys.stderr)
+    if path:
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary

@@ -248,26 +248,35 @@ class ShardStream(IterableDataset):
             out["skipped"], skipped = dict(skipped), Counter()
             return out
 
-        for raw in samples():
-            try:
-                record, images = decode_sample(raw)
-                example = self.encode(record, images)
-            except SampleError as e:
-                if self.on_error == "raise":
-                    raise
-                where = f"shard {raw.get('__url__')} key {raw.get('__key__')}"
-                skipped[e.reason] += 1
-                if logged < 5:
-                    log.warning("skipping sample (%s): %s%s", e.reason, "" if where in str(e) else where + ": ", e)
-                    logged += 1
-                continue
-            if self.shuffle and self.shuffle_buffer > 1:
+        def examples():
+            """Encoded examples in stream order, passed through the shuffle buffer; bad samples are counted."""
+            nonlocal logged
+            for raw in samples():
+                try:
+                    record, images = decode_sample(raw)
+                    example = self.encode(record, images)
+                except SampleError as e:
+                    if self.on_error == "raise":
+                        raise
+                    where = f"shard {raw.get('__url__')} key {raw.get('__key__')}"
+                    skipped[e.reason] += 1
+                    if logged < 5:
+                        log.warning("skipping sample (%s): %s%s", e.reason, "" if where in str(e) else where + ": ", e)
+                        logged += 1
+                    continue
+                if not (self.shuffle and self.shuffle_buffer > 1):
+                    yield example
+                    continue
                 buffer.append(example)
                 if len(buffer) < self.shuffle_buffer:
                     continue
                 j = rng.randrange(len(buffer))
                 buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                example = buffer.pop()
+                yield buffer.pop()
+            rng.shuffle(buffer)
+            yield from buffer
+
+        for example in examples():
             batch.append(example)
             yielded += 1
             if len(batch) == self.batch_size:
@@ -277,17 +286,6 @@ class ShardStream(IterableDataset):
                     yield out
             if quota is not None and yielded >= quota:
                 break
-        rng.shuffle(buffer)
-        for example in buffer:
-            if quota is not None and yielded >= quota:
-                break
-            batch.append(example)
-            yielded += 1
-            if len(batch) == self.batch_size:
-                out = emit(batch)
-                batch = []
-                if out is not None:
-                    yield out
         if batch and not self.drop_last:
             out = emit(batch)
             if out is not None:

@@ -130,6 +130,12 @@ def _image_keys(sample: dict) -> list[str]:
     return single[:1] if single else [k for _, k in sorted(numbered)]
 
 
+def image_members(sample: dict) -> list[tuple[str, bytes]]:
+    """A raw sample's image members as ``(extension, bytes)``, undecoded, in the order ``decode_sample`` reads
+    them: for tools that copy images from one shard into another unchanged. Raises ``SampleError``."""
+    return [(k.partition(".")[2].lower() if "." in k else k.lower(), sample[k]) for k in _image_keys(sample)]
+
+
 def decode_sample(sample: dict) -> tuple[Record, list[Image.Image]]:
     """Decode one raw webdataset sample into ``(record, RGB images)``; raises ``SampleError``.
 
