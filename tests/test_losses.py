@@ -1,23 +1,21 @@
 """Hand-derived checks of the pure loss functions in ``vlalign.losses``: every expected value is worked out here
-with ``math``, never by calling the function under test another way.
+with ``math``, never by calling the function under test another way. The preference-loss table is checked by
+properties every entry must have (read from the table, so a new loss is checked without editing this file) and
+each loss by its value at a hand-computed point.
 
     python -m pytest tests/test_losses.py -q
 """
 
-import inspect
 import math
 
 import pytest
 import torch
 
-from vlalign.losses import (KL_ESTIMATORS, PREFERENCE_LOSSES, RANKING_LOSSES, bradley_terry, dpo_rewards,
-                            entropy_from_logits, gae, kl_penalty, masked_mean, masked_sum, masked_var, masked_whiten,
+from vlalign.losses import (INPUTS, KL_ESTIMATORS, PREFERENCE_LOSSES, RANKING_LOSSES, Objective, bradley_terry,
+                            dpo_rewards, entropy_from_logits, gae, kl_penalty, kto_loss, kto_reference_point,
+                            loss_signature, masked_mean, masked_sum, masked_var, masked_whiten, needs_reference,
                             noisy_rejected_token_logps, normalize_score, plackett_luce, ppo_policy_loss,
                             ppo_value_loss, token_rewards)
-
-PAIRWISE = ("sigmoid", "conservative", "ipo", "hinge", "rpo")
-# Keyword parameters each loss needs to be called at all (rpo's NLL term is required).
-PARAMS = {"conservative": {"label_smoothing": 0.2}, "rpo": {"chosen_nll": torch.tensor([1.2]), "alpha": 0.5}}
 
 
 def close(actual, expected, tol=1e-6):
@@ -29,73 +27,277 @@ def lr(chosen, *others, grad=False):
     return torch.tensor([[chosen, *others]], dtype=torch.float64, requires_grad=grad)
 
 
-# ---------------------------------------------------------------------------------------------- preference
-
-def test_table_holds_every_loss():
-    assert set(PREFERENCE_LOSSES) == {*PAIRWISE, "plackett_luce"}
-    assert set(RANKING_LOSSES) == {"bradley_terry", "plackett_luce"}
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+def softplus(x):
+    """log(1 + e^x) = -log sigmoid(-x)."""
+    return math.log1p(math.exp(x))
 
 
-def test_signatures_tell_the_caller_what_a_loss_needs():
-    needs_nll = {n for n, f in PREFERENCE_LOSSES.items() if "chosen_nll" in inspect.signature(f).parameters}
-    assert needs_nll == {"rpo"}
-    assert inspect.signature(PREFERENCE_LOSSES["conservative"]).parameters["label_smoothing"].default == 0.0
-    assert inspect.signature(PREFERENCE_LOSSES["rpo"]).parameters["alpha"].default == 1.0
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
 
+
+def call(name, beta=0.1, **inputs):
+    """One loss through the same routing the modules use."""
+    return Objective.parse(name)(beta, **inputs)[0]
+
+
+# ---------------------------------------------------------------------------------------------- every entry
+
+def _inputs(policy, ref, lengths):
+    """The interface's inputs from policy / reference summed log-probs and lengths (batch, k), with the graph."""
+    return {"logratios": policy - ref, "policy_logps": policy, "ref_logps": ref, "lengths": lengths,
+            "chosen_nll": -policy[:, 0] / lengths[:, 0]}
+
+
+# logratios (2, -2), (1.5, -2.5), (-2, 2): beta d = +-0.4 with beta 0.1, inside every loss's active region (hinge:
+# beta d < 1; ipo: d < 1 / (2 beta); sppo_hard: |a|, |b| < 1 / (2 beta)) and away from the zero margin around which
+# DiscoPOP's blend is not monotone
+POLICY = [[-6.0, -8.0], [-5.0, -9.0], [-7.0, -7.5]]
+REF = [[-8.0, -6.0], [-6.5, -6.5], [-5.0, -9.5]]
+LENGTHS = [[3.0, 4.0], [2.0, 5.0], [4.0, 4.0]]
+
+
+def test_every_loss_reads_only_the_interface_and_documents_itself():
+    for name, fn in PREFERENCE_LOSSES.items():
+        inputs, params = loss_signature(name)
+        assert inputs and inputs <= set(INPUTS), name
+        assert all(isinstance(v, (int, float)) for v in params.values()), (name, params)  # all have defaults
+        doc = fn.__doc__ or ""
+        assert "arxiv.org" in doc or "Mitchell 2023" in doc, f"{name}: cite the paper"
+        assert "Returns (batch,)" in doc, f"{name}: give the shapes"
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_shape_and_finite(name):
+    out = call(name, **_inputs(torch.tensor(POLICY), torch.tensor(REF), torch.tensor(LENGTHS)))
+    assert out.shape == (3,) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_tied_responses_give_one_value_whatever_the_likelihood(name):
+    """At policy == reference with chosen and rejected alike (same length, same log-prob), every row has the same
+    loss: a loss depends on what tells the responses apart, not on how likely the pair is overall."""
+    lengths = torch.tensor([[2.0, 2.0], [5.0, 5.0], [3.0, 3.0]])
+    policy = -2.0 * lengths  # the same per-token log-prob in every row, different totals
+    out = call(name, **_inputs(policy, policy.clone(), lengths))
+    close(out, out[0].expand(3))
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_gradient_widens_the_margin(name):
+    """Raising the chosen log-prob and lowering the rejected one by the same amount lowers every loss
+    (apo_down lowers both likelihoods, so only this direction, not each sign, is common to the family)."""
+    policy = torch.tensor(POLICY, dtype=torch.float64, requires_grad=True)
+    call(name, **_inputs(policy, torch.tensor(REF, dtype=torch.float64),
+                         torch.tensor(LENGTHS, dtype=torch.float64))).sum().backward()
+    assert (policy.grad[:, 0] - policy.grad[:, 1] < 0).all(), policy.grad
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_lists_are_ranked_or_refused(name):
+    """k = 3 candidates: a listwise loss gives (batch,), a pairwise one refuses in words."""
+    three = torch.tensor([[-6.0, -8.0, -9.0]])
+    inputs = _inputs(three, three - 0.1, torch.tensor([[3.0, 4.0, 5.0]]))
+    try:
+        out = call(name, **inputs)
+    except ValueError as e:
+        assert "pairs" in str(e)
+    else:
+        assert out.shape == (1,)
+
+
+def test_reference_is_declared_by_what_a_loss_reads():
+    free = {n for n in PREFERENCE_LOSSES if not needs_reference(n)}
+    assert {"simpo", "cpo", "orpo", "sft"} <= free
+    assert not free & {"sigmoid", "ipo", "robust", "bco_pair", "aot", "plackett_luce"}
+    for n in free:
+        assert not loss_signature(n)[0] & {"logratios", "ref_logps"}
+
+
+# ---------------------------------------------------------------------------------------------- each at a point
+# beta 0.1 and logratios (0.3, -0.2): a = 0.3, b = -0.2, d = 0.5, beta d = 0.05
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_dpo_is_log2_when_policy_equals_reference(beta):
     zero = torch.zeros(3, 2)
-    close(PREFERENCE_LOSSES["sigmoid"](zero, beta), [math.log(2)] * 3)
-    close(PREFERENCE_LOSSES["conservative"](zero, beta, label_smoothing=0.3), [math.log(2)] * 3)
-    close(PREFERENCE_LOSSES["plackett_luce"](zero, beta), [math.log(2)] * 3)
-    close(PREFERENCE_LOSSES["hinge"](zero, beta), [1.0] * 3)
-    close(PREFERENCE_LOSSES["ipo"](zero, beta), [(1 / (2 * beta)) ** 2] * 3)
+    close(call("sigmoid", beta, logratios=zero), [math.log(2)] * 3)
+    close(call("conservative", beta, logratios=zero), [math.log(2)] * 3)
+    close(call("robust", beta, logratios=zero), [math.log(2)] * 3)  # (0.9 - 0.1) log 2 / 0.8
+    close(call("plackett_luce", beta, logratios=zero), [math.log(2)] * 3)
+    close(call("hinge", beta, logratios=zero), [1.0] * 3)
+    close(call("ipo", beta, logratios=zero), [(1 / (2 * beta)) ** 2] * 3)
+    close(call("apo_zero", beta, logratios=zero), [1.0] * 3)  # 1 - 1/2 + 1/2
+    close(call("discopop", beta, logratios=zero), [0.5 * math.log(2) + 0.5] * 3)
 
 
-def test_pairwise_losses_at_a_point():
-    beta, x = 0.1, lr(0.3, -0.2)  # d = 0.5, beta d = 0.05
-    z = 0.05
-    dpo = math.log(1 + math.exp(-z))  # -log sigmoid(z)
-    close(PREFERENCE_LOSSES["sigmoid"](x, beta), [dpo])
-    close(PREFERENCE_LOSSES["conservative"](x, beta, label_smoothing=0.2),
-          [0.8 * math.log(1 + math.exp(-z)) + 0.2 * math.log(1 + math.exp(z))])
-    close(PREFERENCE_LOSSES["conservative"](x, beta), [dpo])  # eps = 0 is DPO
-    close(PREFERENCE_LOSSES["ipo"](x, beta), [(0.5 - 1 / (2 * 0.1)) ** 2])  # (0.5 - 5)^2 = 20.25
-    close(PREFERENCE_LOSSES["hinge"](x, beta), [1 - 0.05])
-    close(PREFERENCE_LOSSES["hinge"](lr(1.0, -1.0), 1.0), [0.0])  # margin past 1: no loss
-    close(PREFERENCE_LOSSES["rpo"](x, beta, chosen_nll=torch.tensor([1.2], dtype=torch.float64), alpha=0.5),
-          [dpo + 0.5 * 1.2])
-    close(PREFERENCE_LOSSES["plackett_luce"](x, beta), [dpo])
+def test_classic_pairwise_losses_at_a_point():
+    x, z = lr(0.3, -0.2), 0.05
+    dpo = softplus(-z)
+    close(call("sigmoid", logratios=x), [dpo])
+    close(PREFERENCE_LOSSES["conservative"](x, 0.1, label_smoothing=0.2), [0.8 * softplus(-z) + 0.2 * softplus(z)])
+    close(call("conservative", logratios=x), [dpo])  # eps = 0 is DPO
+    close(call("ipo", logratios=x), [(0.5 - 1 / (2 * 0.1)) ** 2])  # (0.5 - 5)^2 = 20.25
+    close(call("hinge", logratios=x), [1 - 0.05])
+    close(call("hinge", 1.0, logratios=lr(1.0, -1.0)), [0.0])  # margin past 1: no loss
+    nll = torch.tensor([1.2], dtype=torch.float64)
+    close(PREFERENCE_LOSSES["rpo"](x, 0.1, chosen_nll=nll, alpha=0.5), [dpo + 0.5 * 1.2])
+    close(call("plackett_luce", logratios=x), [dpo])
+    close(call("sft", chosen_nll=nll), [1.2])
 
 
-def test_dpo_rewards():
-    close(dpo_rewards(lr(0.3, -0.2), 0.1), [[0.03, -0.02]])
+def test_robust_dpo_at_a_point():
+    z, eps = 0.05, 0.1
+    close(call("robust", logratios=lr(0.3, -0.2)), [((1 - eps) * softplus(-z) - eps * softplus(z)) / (1 - 2 * eps)])
+    with pytest.raises(ValueError, match="0.5"):
+        PREFERENCE_LOSSES["robust"](lr(0.3, -0.2), 0.1, label_smoothing=0.5)
 
 
-@pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
-def test_gradient_pushes_chosen_up_and_rejected_down(name):
-    x = lr(0.3, -0.2, grad=True)  # inside every loss's active region (hinge: beta d < 1; ipo: d < 1/(2 beta))
-    params = {k: (v.double() if torch.is_tensor(v) else v) for k, v in PARAMS.get(name, {}).items()}
-    PREFERENCE_LOSSES[name](x, 0.1, **params).sum().backward()
-    assert x.grad[0, 0] < 0 < x.grad[0, 1]
+def test_exo_pair_at_a_point():
+    p, eps = sigmoid(0.05), 1e-3
+    close(call("exo_pair", logratios=lr(0.3, -0.2)),
+          [p * (math.log(p) - math.log(1 - eps)) + (1 - p) * (math.log(1 - p) - math.log(eps))])
+    # the minimum: the model's preference probability equals the smoothed label
+    z_star = math.log((1 - eps) / eps)
+    close(call("exo_pair", 1.0, logratios=lr(z_star, 0.0)), [0.0], tol=1e-9)
 
 
-@pytest.mark.parametrize("name", PAIRWISE)
-def test_pairwise_losses_reject_lists(name):
-    with pytest.raises(ValueError, match="pairs"):
-        PREFERENCE_LOSSES[name](torch.zeros(2, 3), 0.1, **PARAMS.get(name, {}))
+def test_nca_pair_at_a_point():
+    rw, rl = 0.03, -0.02
+    close(call("nca_pair", logratios=lr(0.3, -0.2)), [softplus(-rw) + 0.5 * softplus(rw) + 0.5 * softplus(rl)])
+
+
+def test_bco_pair_at_a_point():
+    x = lr(0.3, -0.2)  # rewards 0.03, -0.02
+    delta = (0.03 - 0.02) / 2  # without a running mean: this batch's mean reward, 0.005
+    close(call("bco_pair", logratios=x), [softplus(-(0.03 - delta)) + softplus(-0.02 - delta)])
+    close(call("bco_pair", logratios=x, reward_mean=torch.tensor(0.01)), [softplus(-0.02) + softplus(-0.03)])
+
+
+def test_sppo_hard_at_a_point():
+    close(call("sppo_hard", logratios=lr(0.3, -0.2)), [(0.3 - 5) ** 2 + (-0.2 + 5) ** 2])  # 22.09 + 23.04
+
+
+def test_aot_pair_sorts_each_side():
+    x = torch.tensor([[0.3, -0.2], [-0.1, 0.4]])  # chosen sorted (-0.1, 0.3), rejected sorted (-0.2, 0.4)
+    close(call("aot_pair", logratios=x), [softplus(-0.1 * 0.1), softplus(0.1 * 0.1)])  # delta 0.1, -0.1
+
+
+def test_aot_sorts_policy_and_reference_margins():
+    policy = torch.tensor([[-1.0, -2.0], [-3.0, -1.5]])  # margins 1.0, -1.5 -> sorted (-1.5, 1.0)
+    ref = torch.tensor([[-1.2, -1.9], [-2.0, -2.5]])     # margins 0.7, 0.5  -> sorted (0.5, 0.7)
+    close(call("aot", policy_logps=policy, ref_logps=ref), [softplus(0.2), softplus(-0.03)], tol=1e-5)
+
+
+def test_apo_at_a_point():
+    x = lr(0.3, -0.2)
+    close(call("apo_zero", logratios=x), [1 - sigmoid(0.03) + sigmoid(-0.02)])
+    close(call("apo_down", logratios=x), [sigmoid(0.03) + 1 - sigmoid(0.05)])
+
+
+def test_discopop_at_a_point():
+    rho, w = 0.05, sigmoid(0.05 / 0.05)
+    close(call("discopop", logratios=lr(0.3, -0.2)), [(1 - w) * softplus(-rho) + w * math.exp(-rho)])
+
+
+def test_simpo_cpo_orpo_at_a_point():
+    policy = torch.tensor([[-6.0, -12.0]], dtype=torch.float64)  # per-token means -2 and -3
+    lengths = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    nll = torch.tensor([2.0], dtype=torch.float64)
+    # SimPO, beta 2, gamma 0.5: 2 * (-2 - -3) - 0.5 = 1.5
+    close(Objective.parse("simpo")(2.0, policy_logps=policy, lengths=lengths)[0], [softplus(-1.5)])
+    # CPO: -log sigmoid(0.1 * (-6 + 12)) + 2
+    close(call("cpo", policy_logps=policy, chosen_nll=nll), [softplus(-0.6) + 2.0])
+    # ORPO: log odds = log p - log(1 - p) with log p the per-token mean
+    odds = (-2 - math.log(1 - math.exp(-2))) - (-3 - math.log(1 - math.exp(-3)))
+    close(call("orpo", policy_logps=policy, lengths=lengths, chosen_nll=nll), [2.0 + 0.1 * softplus(-odds)])
+
+
+def test_orpo_stays_finite_at_probability_one():
+    policy = torch.tensor([[0.0, -5.0]], requires_grad=True)
+    out = call("orpo", policy_logps=policy, lengths=torch.tensor([[2.0, 2.0]]), chosen_nll=torch.zeros(1))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(policy.grad).all()
 
 
 def test_plackett_luce_dpo_k3_by_hand():
     beta, x = 0.5, lr(2.0, 1.0, -2.0, grad=True)  # beta * lr = 1.0, 0.5, -1.0
     a, b, c = 1.0, 0.5, -1.0
     expected = -((a - math.log(math.exp(a) + math.exp(b) + math.exp(c))) + (b - math.log(math.exp(b) + math.exp(c))))
-    loss = PREFERENCE_LOSSES["plackett_luce"](x, beta)
+    loss = call("plackett_luce", beta, logratios=x)
     close(loss, [expected])
     loss.sum().backward()
     assert x.grad[0, 0] < 0 < x.grad[0, 2]
+
+
+def test_dpo_rewards():
+    close(dpo_rewards(lr(0.3, -0.2), 0.1), [[0.03, -0.02]])
+
+
+# ---------------------------------------------------------------------------------------------- combinations
+
+def test_mixed_preference_optimisation_is_the_weighted_sum():
+    x, nll = lr(0.3, -0.2), torch.tensor([1.2], dtype=torch.float64)
+    total, parts = Objective.parse({"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0})(0.1, logratios=x, chosen_nll=nll)
+    dpo, bco = softplus(-0.05), 2 * softplus(-0.025)
+    close(total, [0.8 * dpo + 0.2 * bco + 1.0 * 1.2])
+    assert set(parts) == {"sigmoid", "bco_pair", "sft"}
+    close(parts["bco_pair"], [bco])
+
+
+def test_rpo_is_sigmoid_plus_sft():
+    x, nll = lr(0.3, -0.2), torch.tensor([1.2], dtype=torch.float64)
+    rpo = Objective.parse("rpo", {"alpha": 0.5})(0.1, logratios=x, chosen_nll=nll)[0]
+    mix = Objective.parse({"sigmoid": 1.0, "sft": 0.5})(0.1, logratios=x, chosen_nll=nll)[0]
+    close(rpo, mix)
+
+
+def test_parameters_are_routed_by_name():
+    obj = Objective.parse({"conservative": 1.0, "aot_pair": 1.0}, {"label_smoothing": 0.2})
+    x = lr(0.3, -0.2)
+    total, parts = obj(0.1, logratios=x)
+    close(parts["conservative"], [0.8 * softplus(-0.05) + 0.2 * softplus(0.05)])
+    close(parts["aot_pair"], parts["conservative"])  # one pair: sorting changes nothing
+
+
+def test_objective_declares_its_needs():
+    assert not Objective.parse("simpo").needs_reference
+    assert not Objective.parse({"orpo": 1.0, "sft": 0.5}).needs_reference
+    assert Objective.parse({"sigmoid": 1.0, "sft": 1.0}).needs_reference
+    assert Objective.parse({"sigmoid": 1.0, "sft": 1.0}).inputs == {"logratios", "chosen_nll"}
+
+
+def test_objective_refuses_what_it_cannot_use():
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        Objective.parse("nope")
+    with pytest.raises(ValueError, match="not parameters"):
+        Objective.parse("sigmoid", {"label_smoothing": 0.1})
+    with pytest.raises(ValueError, match="beta"):
+        Objective.parse("conservative", {"beta": 0.1})
+    with pytest.raises(ValueError, match="chosen_nll"):
+        Objective.parse("rpo")(0.1, logratios=lr(0.3, -0.2))
+
+
+# ---------------------------------------------------------------------------------------------- KTO
+
+def test_kto_by_hand():
+    r = torch.tensor([0.5, -0.3, 0.2])
+    desirable = torch.tensor([True, False, False])
+    out = kto_loss(r, desirable, torch.tensor(0.1), beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    close(out, [1 - sigmoid(0.5 * 0.4), 2 * (1 - sigmoid(0.5 * 0.4)), 2 * (1 - sigmoid(0.5 * -0.1))])
+
+
+def test_kto_reference_point_is_a_clamped_detached_mean():
+    x = torch.tensor([0.3, -0.1, 0.1], requires_grad=True)
+    z = kto_reference_point(x)
+    close(z, 0.1)
+    assert not z.requires_grad
+    close(kto_reference_point(torch.tensor([-0.5, 0.1])), 0.0)
+
+
+def test_kto_gradient_raises_desirable_and_lowers_undesirable():
+    r = torch.tensor([0.2, 0.2], requires_grad=True)
+    kto_loss(r, torch.tensor([True, False]), torch.tensor(0.0), beta=0.1).sum().backward()
+    assert r.grad[0] < 0 < r.grad[1]
 
 
 # ---------------------------------------------------------------------------------------------- SIMA/POVID

@@ -1,23 +1,33 @@
-"""Pure tensor functions for preference alignment: the DPO family, ranking losses and the pieces of PPO.
+"""Pure tensor functions for preference alignment: the DPO family, KTO, ranking losses and the pieces of PPO.
 
 Nothing here holds state or configuration: a LightningModule gathers the tensors and calls these. Variants are
-chosen by name from the tables ``PREFERENCE_LOSSES``, ``RANKING_LOSSES`` and ``KL_ESTIMATORS``.
+chosen by name from the tables ``PREFERENCE_LOSSES``, ``RANKING_LOSSES`` and ``KL_ESTIMATORS``; ``python -m
+vlalign.losses`` prints the preference table (name, what it needs, parameters, paper) from this file.
 
-Preference losses share one signature, ``fn(logratios, beta, **params) -> (batch,)``, where
+**The preference-loss interface.** A preference loss returns one value per example, (batch,), and names what it
+reads in its signature, from this vocabulary (candidates ranked best first, so column 0 is the chosen response):
 
-    logratios[:, i] = log pi(y_i | x) - log pi_ref(y_i | x)        (batch, k), candidates ranked best first
+    logratios     (batch, k)  log pi(y_i|x) - log pi_ref(y_i|x), summed over the response tokens (the module's
+                              ``logp: mean`` averages them instead: length-normalised DPO, mllm-dpo's "use average")
+    policy_logps  (batch, k)  log pi(y_i|x), summed over the response tokens (reference-free losses)
+    ref_logps     (batch, k)  log pi_ref(y_i|x), summed
+    lengths       (batch, k)  response lengths |y_i| in tokens
+    chosen_nll    (batch,)    mean per-token negative log-likelihood of the chosen response under the policy
+    mask          (batch, k)  bool, the candidates present in rows with fewer (optional)
+    reward_mean   ()          running mean of the implicit rewards beta * logratios during training (optional)
 
-so column 0 is the chosen response. Pairwise losses need k == 2 (the caller picks the columns). Their extra
-parameters are explicit keyword arguments with defaults, so a caller can ask ``inspect.signature(fn)`` whether a
-loss takes, say, ``chosen_nll``.
-
-Length-normalised DPO (mllm-dpo's "use average", and the per-token averages of IPO's paper) is not a separate
-loss: the caller passes mean instead of summed response log-probs.
+and takes ``beta`` plus its own float parameters, with defaults, as keywords. A loss that reads ``logratios`` or
+``ref_logps`` needs a reference model; one that reads neither is reference-free and the module skips the
+reference pass. Pairwise losses need k == 2 and say so when given more. ``Objective`` picks a loss by name, or a
+weighted sum of several (Mixed Preference Optimization), and routes the inputs and parameters to each.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +35,35 @@ from torch import Tensor
 
 # ------------------------------------------------------------------------------------------ preference (DPO)
 
+INPUTS = {
+    "logratios": "(batch, k) log pi(y|x) - log pi_ref(y|x)",
+    "policy_logps": "(batch, k) log pi(y|x), summed",
+    "ref_logps": "(batch, k) log pi_ref(y|x), summed",
+    "lengths": "(batch, k) response lengths in tokens",
+    "chosen_nll": "(batch,) mean per-token NLL of the chosen response",
+    "mask": "(batch, k) candidates present",
+    "reward_mean": "() running mean of beta * logratios",
+}
+REFERENCE_INPUTS = ("logratios", "ref_logps")
+
+
+def _pair(x: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+    """The chosen and rejected columns (batch,) of a pairwise input (batch, 2)."""
+    if x.dim() != 2 or x.shape[1] != 2:
+        raise ValueError(f"the {loss!r} loss compares pairs: its inputs must be (batch, 2) with the chosen response "
+                         f"in column 0, got shape {tuple(x.shape)}; use plackett_luce for k > 2 ranked candidates")
+    return x[:, 0], x[:, 1]
+
 
 def _margin(logratios: Tensor, loss: str) -> Tensor:
-    """d = logratio_chosen - logratio_rejected (batch,), checking the pairwise shape (batch, 2)."""
-    if logratios.dim() != 2 or logratios.shape[1] != 2:
-        raise ValueError(f"the {loss!r} loss compares pairs: logratios must be (batch, 2) with the chosen response "
-                         f"in column 0, got shape {tuple(logratios.shape)}")
-    return logratios[:, 0] - logratios[:, 1]
+    """d = logratio_chosen - logratio_rejected (batch,)."""
+    chosen, rejected = _pair(logratios, loss)
+    return chosen - rejected
+
+
+def _smoothed_logistic(z: Tensor, label_smoothing: float) -> Tensor:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): the logistic loss with labels flipped at rate eps."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
 def dpo_rewards(logratios: Tensor, beta: float) -> Tensor:
@@ -43,7 +75,7 @@ def dpo_rewards(logratios: Tensor, beta: float) -> Tensor:
 
 
 def sigmoid_loss(logratios: Tensor, beta: float) -> Tensor:
-    """DPO: L = -log sigmoid(beta * d), d = logratio_chosen - logratio_rejected.
+    """DPO: L = -log sigmoid(beta d), d = logratio_chosen - logratio_rejected.
 
     Rafailov et al. 2023, "Direct Preference Optimization", https://arxiv.org/abs/2305.18290.
     logratios: (batch, 2). Returns (batch,). Equals log 2 when the policy equals the reference.
@@ -59,8 +91,21 @@ def conservative_loss(logratios: Tensor, beta: float, label_smoothing: float = 0
     (Mitchell 2023, "A note on DPO with noisy preferences"; the DPO loss of Vision-LLM-Alignment).
     eps = 0 is plain DPO. logratios: (batch, 2). Returns (batch,).
     """
-    z = beta * _margin(logratios, "conservative")
-    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return _smoothed_logistic(beta * _margin(logratios, "conservative"), label_smoothing)
+
+
+def robust_loss(logratios: Tensor, beta: float, label_smoothing: float = 0.1) -> Tensor:
+    """Robust DPO: L = [(1 - eps) (-log sigmoid(beta d)) - eps (-log sigmoid(-beta d))] / (1 - 2 eps).
+
+    Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback",
+    https://arxiv.org/abs/2403.00409. An unbiased estimate of the clean-label loss when labels flip at rate
+    eps = ``label_smoothing`` (< 0.5); eps = 0 is plain DPO. logratios: (batch, 2). Returns (batch,).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    z = beta * _margin(logratios, "robust")
+    eps = label_smoothing
+    return ((1.0 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
 
 
 def ipo_loss(logratios: Tensor, beta: float) -> Tensor:
@@ -84,15 +129,191 @@ def hinge_loss(logratios: Tensor, beta: float) -> Tensor:
     return F.relu(1.0 - beta * _margin(logratios, "hinge"))
 
 
-def rpo_loss(logratios: Tensor, beta: float, *, chosen_nll: Tensor, alpha: float = 1.0) -> Tensor:
-    """DPO plus a weighted NLL of the chosen response: L = -log sigmoid(beta d) + alpha * NLL(y_chosen).
+def exo_pair_loss(logratios: Tensor, beta: float, label_smoothing: float = 1e-3) -> Tensor:
+    """EXO (pairwise): the reverse KL from the model's pair preference sigmoid(beta d) to a smoothed label.
+
+        p = sigmoid(beta d),   L = p (log p - log(1 - eps)) + (1 - p) (log(1 - p) - log eps),
+
+    Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    https://arxiv.org/abs/2402.00856 (eq. 16, K = 2). eps = ``label_smoothing`` in (0, 1) (1e-3 as in TRL).
+    logratios: (batch, 2). Returns (batch,); the minimum, 0, is at p = 1 - eps.
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"exo_pair needs 0 < label_smoothing < 1, got {label_smoothing}")
+    z = beta * _margin(logratios, "exo_pair")
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1.0 - label_smoothing))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(label_smoothing)))
+
+
+def nca_pair_loss(logratios: Tensor, beta: float) -> Tensor:
+    """NCA (pairwise): L = -log sigmoid(r_w) - 1/2 log sigmoid(-r_w) - 1/2 log sigmoid(-r_l), r = beta * logratio.
+
+    Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards",
+    https://arxiv.org/abs/2402.05369. Each response's own reward is pushed (chosen up, both away from large
+    values), not only their difference, so the chosen likelihood does not fall. logratios: (batch, 2). Returns (batch,).
+    """
+    chosen, rejected = _pair(beta * logratios, "nca_pair")
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def bco_pair_loss(logratios: Tensor, beta: float, reward_mean: Optional[Tensor] = None) -> Tensor:
+    """BCO (pairwise): chosen vs rejected as a binary classifier whose logit is the shifted implicit reward.
+
+        L = -log sigmoid(r_w - delta) - log sigmoid(-(r_l - delta)),    r = beta * logratio,
+
+    Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
+    https://arxiv.org/abs/2404.04656. delta, the reward shift, is ``reward_mean``: the running mean of the
+    implicit rewards over training (the module keeps it; TRL's ``bco_pair`` does the same); without it, the mean of
+    this batch's rewards. Used in Mixed Preference Optimization (InternVL). logratios: (batch, 2). Returns (batch,).
+    """
+    chosen, rejected = _pair(beta * logratios, "bco_pair")
+    delta = torch.cat([chosen, rejected]).mean().detach() if reward_mean is None else reward_mean.detach()
+    return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+
+
+def sppo_hard_loss(logratios: Tensor, beta: float) -> Tensor:
+    """SPPO with hard labels: L = (a - 1/(2 beta))^2 + (b + 1/(2 beta))^2, a, b the chosen / rejected logratios.
+
+    Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
+    https://arxiv.org/abs/2405.00675 (Algorithm 1, eq. 4.7 with the win probability set to 1 and 0, as in TRL).
+    Each log-ratio is regressed to its own target. logratios: (batch, 2). Returns (batch,).
+    """
+    a, b = _pair(logratios, "sppo_hard")
+    return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+
+
+def aot_pair_loss(logratios: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """AOT (paired): the sorted chosen log-ratios should dominate the sorted rejected ones, quantile by quantile.
+
+        delta_(i) = sort(a)_i - sort(b)_i,
+        L_i = -(1 - eps) log sigmoid(beta delta_(i)) - eps log sigmoid(-beta delta_(i)),
+
+    Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
+    https://arxiv.org/abs/2406.05882: the chosen rewards' distribution should dominate the rejected ones' across
+    the batch (first-order stochastic dominance), compared quantile by quantile. a, b: the chosen / rejected
+    logratios (batch,). Row i of the result belongs to the i-th quantile, not to example i: only its mean is
+    meaningful. logratios: (batch, 2). Returns (batch,).
+    """
+    a, b = _pair(logratios, "aot_pair")
+    delta = torch.sort(a).values - torch.sort(b).values
+    return _smoothed_logistic(beta * delta, label_smoothing)
+
+
+def aot_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """AOT: the sorted policy margins should dominate the sorted reference margins, quantile by quantile.
+
+        m = log pi(y_w|x) - log pi(y_l|x),  m_ref = log pi_ref(y_w|x) - log pi_ref(y_l|x),
+        delta_(i) = sort(m)_i - sort(m_ref)_i,
+        L_i = -(1 - eps) log sigmoid(beta delta_(i)) - eps log sigmoid(-beta delta_(i)),
+
+    Melnyk et al. 2024, https://arxiv.org/abs/2406.05882 (TRL's ``aot``): the distribution of the policy's margins
+    should dominate the reference's. Row i belongs to the i-th quantile, not to example i.
+    policy_logps, ref_logps: (batch, 2), summed. Returns (batch,).
+    """
+    pw, pl = _pair(policy_logps, "aot")
+    rw, rl = _pair(ref_logps, "aot")
+    delta = torch.sort(pw - pl).values - torch.sort(rw - rl).values
+    return _smoothed_logistic(beta * delta, label_smoothing)
+
+
+def apo_zero_loss(logratios: Tensor, beta: float) -> Tensor:
+    """APO-zero: L = 1 - sigmoid(beta a) + sigmoid(beta b), a, b the chosen / rejected logratios.
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions",
+    https://arxiv.org/abs/2408.06266 (eq. 7): raises the chosen likelihood and lowers the rejected one, anchored
+    at the reference. For chosen answers better than the model's own. logratios: (batch, 2). Returns (batch,).
+    """
+    a, b = _pair(beta * logratios, "apo_zero")
+    return 1.0 - torch.sigmoid(a) + torch.sigmoid(b)
+
+
+def apo_down_loss(logratios: Tensor, beta: float) -> Tensor:
+    """APO-down: L = sigmoid(beta a) + 1 - sigmoid(beta (a - b)), a, b the chosen / rejected logratios.
+
+    D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266 (eq. 8): lowers both likelihoods, the rejected
+    more. For chosen answers worse than the model's own. Note that its gradient lowers the chosen log-ratio too
+    (the margin still grows). logratios: (batch, 2). Returns (batch,).
+    """
+    a, b = _pair(beta * logratios, "apo_down")
+    return torch.sigmoid(a) + 1.0 - torch.sigmoid(a - b)
+
+
+def discopop_loss(logratios: Tensor, beta: float, tau: float = 0.05) -> Tensor:
+    """DiscoPOP: a logistic loss below a zero margin blended into an exponential one above it (rho = beta d).
+
+        L = (1 - sigmoid(rho / tau)) * (-log sigmoid(rho)) + sigmoid(rho / tau) * exp(-rho),
+
+    Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language Models",
+    https://arxiv.org/abs/2406.08414 (eq. 5), tau = 0.05 as in the paper: logistic below a zero margin,
+    exponential above. Not convex: within a few tau of rho = 0 the blend's slope is positive (a small margin is
+    pushed back towards 0). logratios: (batch, 2). Returns (batch,).
+    """
+    rho = beta * _margin(logratios, "discopop")
+    weight = torch.sigmoid(rho / tau)
+    return (1.0 - weight) * -F.logsigmoid(rho) + weight * torch.exp(-rho)
+
+
+def rpo_loss(logratios: Tensor, beta: float, chosen_nll: Tensor, alpha: float = 1.0) -> Tensor:
+    """DPO plus a weighted NLL of the chosen response: L = -log sigmoid(beta d) + alpha * NLL(y_w).
 
     Pang et al. 2024, "Iterative Reasoning Preference Optimization", https://arxiv.org/abs/2404.19733; mllm-dpo's
-    optional SFT weight. The NLL term keeps the chosen response likely while the margin grows.
-    logratios: (batch, 2). chosen_nll: (batch,), the mean per-token NLL of the chosen response under the policy
-    (it must carry the policy's graph). Returns (batch,).
+    optional SFT weight. The NLL term keeps the chosen response likely while the margin grows (the same as the
+    combination ``{sigmoid: 1, sft: alpha}``). logratios: (batch, 2). chosen_nll: (batch,). Returns (batch,).
     """
     return sigmoid_loss(logratios, beta) + alpha * chosen_nll
+
+
+def sft_loss(chosen_nll: Tensor) -> Tensor:
+    """SFT term: L = NLL(y_w), the mean per-token negative log-likelihood of the chosen response.
+
+    The generation loss of Mixed Preference Optimization (Wang et al. 2024, https://arxiv.org/abs/2411.10442),
+    meant for weighted combinations (``{sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}``). Reference-free; any k.
+    chosen_nll: (batch,). Returns (batch,).
+    """
+    return chosen_nll
+
+
+def simpo_loss(policy_logps: Tensor, lengths: Tensor, beta: float, gamma: float = 0.5) -> Tensor:
+    """SimPO: L = -log sigmoid(beta / |y_w| log pi(y_w|x) - beta / |y_l| log pi(y_l|x) - gamma). Reference-free.
+
+    Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    https://arxiv.org/abs/2405.14734: the length-normalised log-likelihood is the reward, gamma a target margin.
+    The paper's beta is large (2 to 2.5) and gamma about 0.5 to 1.5; set ``beta`` accordingly.
+    policy_logps, lengths: (batch, 2). Returns (batch,).
+    """
+    w, l = _pair(policy_logps / lengths.clamp(min=1), "simpo")
+    return -F.logsigmoid(beta * (w - l) - gamma)
+
+
+def cpo_loss(policy_logps: Tensor, chosen_nll: Tensor, beta: float, alpha: float = 1.0) -> Tensor:
+    """CPO: L = -log sigmoid(beta log pi(y_w|x) - beta log pi(y_l|x)) + alpha * NLL(y_w). Reference-free.
+
+    Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine
+    Translation", https://arxiv.org/abs/2401.08417: DPO with a uniform reference, plus a behaviour-cloning NLL
+    term on the chosen response. policy_logps: (batch, 2), summed; chosen_nll: (batch,). Returns (batch,).
+    """
+    w, l = _pair(policy_logps, "cpo")
+    return -F.logsigmoid(beta * (w - l)) + alpha * chosen_nll
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
+    x = x.clamp(max=-1e-6)  # a response of probability 1 has odds infinity: keep it finite
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(policy_logps: Tensor, lengths: Tensor, chosen_nll: Tensor, beta: float) -> Tensor:
+    """ORPO: L = NLL(y_w) - beta log sigmoid(log odds(y_w|x) - log odds(y_l|x)). Reference-free.
+
+        odds(y|x) = P(y|x) / (1 - P(y|x)),   log P(y|x) = log pi(y|x) / |y|  (the per-token mean)
+
+    Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+    https://arxiv.org/abs/2403.07691; beta is the paper's lambda (0.1 in TRL). policy_logps, lengths: (batch, 2);
+    chosen_nll: (batch,). Returns (batch,).
+    """
+    w, l = _pair(policy_logps / lengths.clamp(min=1), "orpo")
+    log_odds = (w - _log1mexp(w)) - (l - _log1mexp(l))
+    return chosen_nll - beta * F.logsigmoid(log_odds)
 
 
 def plackett_luce_dpo_loss(logratios: Tensor, beta: float, mask: Optional[Tensor] = None) -> Tensor:
@@ -111,11 +332,122 @@ def plackett_luce_dpo_loss(logratios: Tensor, beta: float, mask: Optional[Tensor
 PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {
     "sigmoid": sigmoid_loss,
     "conservative": conservative_loss,
+    "robust": robust_loss,
     "ipo": ipo_loss,
     "hinge": hinge_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss,
+    "aot_pair": aot_pair_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
     "rpo": rpo_loss,
+    "sft": sft_loss,
+    "simpo": simpo_loss,
+    "cpo": cpo_loss,
+    "orpo": orpo_loss,
     "plackett_luce": plackett_luce_dpo_loss,
 }
+
+
+def loss_signature(name: str) -> tuple[set[str], dict[str, float]]:
+    """(tensor inputs it reads, its float parameters with defaults) of ``PREFERENCE_LOSSES[name]``; ``beta`` is
+    neither (the module's own setting)."""
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss {name!r}: one of {sorted(PREFERENCE_LOSSES)}")
+    inputs, params = set(), {}
+    for p in inspect.signature(PREFERENCE_LOSSES[name]).parameters.values():
+        if p.name in INPUTS:
+            inputs.add(p.name)
+        elif p.name != "beta":
+            params[p.name] = p.default
+    return inputs, params
+
+
+def needs_reference(name: str) -> bool:
+    """True when the loss reads the reference model's log-probs (``logratios`` or ``ref_logps``)."""
+    return bool(loss_signature(name)[0] & set(REFERENCE_INPUTS))
+
+
+@dataclass
+class Objective:
+    """A preference loss by name, or a weighted sum of several, with its parameters routed by name.
+
+        L = sum_j w_j * L_j(inputs, beta, params_j)            (batch,)
+
+    terms: ``{name: weight}`` (a single name means weight 1). params: float parameters; each is passed to every
+    term that declares it (``label_smoothing`` to both ``conservative`` and ``aot``), and must be declared by one.
+    E.g. Mixed Preference Optimization (InternVL): ``{"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0}``.
+    """
+
+    terms: dict[str, float]
+    params: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, loss: Union[str, dict[str, float]], params: Optional[dict] = None) -> "Objective":
+        terms = {loss: 1.0} if isinstance(loss, str) else {str(k): float(v) for k, v in dict(loss).items()}
+        return cls(terms, dict(params or {}))
+
+    def __post_init__(self):
+        if not self.terms:
+            raise ValueError("the loss needs at least one term")
+        declared = set()
+        for name in self.terms:
+            declared |= set(loss_signature(name)[1])
+        unknown = set(self.params) - declared
+        if "beta" in unknown:
+            raise ValueError("beta is the module's own setting (model.init_args.beta), not a loss parameter")
+        if unknown:
+            raise ValueError(f"loss_params {sorted(unknown)} are not parameters of {sorted(self.terms)} (theirs: "
+                             f"{sorted(declared) or 'none'})")
+
+    @property
+    def inputs(self) -> set[str]:
+        """Every tensor input some term reads."""
+        return set().union(*(loss_signature(n)[0] for n in self.terms))
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(needs_reference(n) for n in self.terms)
+
+    def __call__(self, beta: float, **inputs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total loss (batch,), each term's unweighted loss (batch,)) from the available ``inputs``."""
+        total, parts = 0.0, {}
+        for name, weight in self.terms.items():
+            fn = PREFERENCE_LOSSES[name]
+            wanted, defaults = loss_signature(name)
+            missing = {n for n in wanted if n not in inputs
+                       and inspect.signature(fn).parameters[n].default is inspect.Parameter.empty}
+            if missing:
+                raise ValueError(f"the {name!r} loss reads {sorted(missing)}, which this module does not provide")
+            kwargs = {n: inputs[n] for n in wanted if n in inputs}
+            kwargs.update({k: v for k, v in self.params.items() if k in defaults})
+            if "beta" in inspect.signature(fn).parameters:
+                kwargs["beta"] = beta
+            parts[name] = fn(**kwargs)
+            total = total + weight * parts[name]
+        return total, parts
+
+
+def describe_losses() -> str:
+    """The preference-loss table as markdown (README section "Preference losses")."""
+    import re
+
+    rows = ["| name | reference | reads | parameters (defaults) | what it is | paper |", "|---|---|---|---|---|---|"]
+    for name, fn in PREFERENCE_LOSSES.items():
+        inputs, params = loss_signature(name)
+        ref = "needed" if needs_reference(name) else "none"
+        reads = ", ".join(f"`{i}`" for i in INPUTS if i in inputs)
+        ps = ", ".join(f"`{k}` {v}" for k, v in params.items()) or "-"
+        doc = inspect.getdoc(fn)
+        summary = doc.split("\n")[0].replace("|", "\\|")
+        link = re.search(r"https://arxiv\.org/abs/[0-9.]+[0-9]", doc)
+        paper = f"[arXiv {link.group(0).rsplit('/', 1)[1]}]({link.group(0)})" if link else "-"
+        rows.append(f"| `{name}` | {ref} | {reads} | {ps} | {summary} | {paper} |")
+    return "\n".join(rows)
 
 
 def noisy_rejected_token_logps(logits: Tensor, labels: Tensor) -> Tensor:
@@ -137,6 +469,34 @@ def noisy_rejected_token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     pick = torch.where(top2[..., 0] == labels, top2[..., 1], top2[..., 0])
     out = torch.gather(logps, -1, pick.unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, out, torch.zeros_like(out))
+
+
+# ------------------------------------------------------------------------------------------ unpaired (KTO)
+
+
+def kto_loss(logratios: Tensor, desirable: Tensor, reference_point: Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Tensor:
+    """KTO on unpaired examples, each a response marked desirable or undesirable:
+
+        r = logratio = log pi(y|x) - log pi_ref(y|x),    z0 = reference_point (no gradient)
+        L = lambda_D (1 - sigmoid(beta (r - z0)))   for a desirable y
+            lambda_U (1 - sigmoid(beta (z0 - r)))   for an undesirable y
+
+    Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+    https://arxiv.org/abs/2402.01306. z0 estimates KL(pi || pi_ref) from the batch (``kto_reference_point``).
+    logratios: (batch,) summed; desirable: (batch,) bool. Returns (batch,).
+    """
+    z0 = reference_point.detach()
+    gain = desirable_weight * (1.0 - torch.sigmoid(beta * (logratios - z0)))
+    loss = undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - logratios)))
+    return torch.where(desirable.bool(), gain, loss)
+
+
+def kto_reference_point(mismatched_logratios: Tensor) -> Tensor:
+    """KTO's z0 = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)]): a batch estimate of KL(pi || pi_ref)
+    from responses y'_i that belong to other prompts of the batch (so they are off-policy for x_i), clamped at 0
+    and detached. mismatched_logratios: (n,) (gather them from every rank first). Returns a scalar."""
+    return mismatched_logratios.detach().mean().clamp(min=0)
 
 
 # ------------------------------------------------------------------------------------------ ranking (reward)
@@ -378,9 +738,36 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
 
 __all__ = [
-    "PREFERENCE_LOSSES", "RANKING_LOSSES", "KL_ESTIMATORS",
-    "sigmoid_loss", "conservative_loss", "ipo_loss", "hinge_loss", "rpo_loss", "plackett_luce_dpo_loss",
-    "dpo_rewards", "noisy_rejected_token_logps", "bradley_terry", "plackett_luce",
-    "masked_sum", "masked_mean", "masked_var", "masked_whiten", "gae", "ppo_policy_loss", "ppo_value_loss",
-    "kl_penalty", "token_rewards", "normalize_score", "entropy_from_logits",
+    "PREFERENCE_LOSSES", "RANKING_LOSSES", "KL_ESTIMATORS", "INPUTS", "Objective", "loss_signature", "needs_reference",
+    "describe_losses", "dpo_rewards", "noisy_rejected_token_logps", "kto_loss", "kto_reference_point",
+    *(fn.__name__ for fn in PREFERENCE_LOSSES.values()),
+    "bradley_terry", "plackett_luce", "masked_sum", "masked_mean", "masked_var", "masked_whiten", "gae",
+    "ppo_policy_loss", "ppo_value_loss", "kl_penalty", "token_rewards", "normalize_score", "entropy_from_logits",
 ]
+
+
+def _main(argv=None):
+    """``python -m vlalign.losses``: print the preference-loss table; ``--readme README.md`` rewrites its section."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("--readme", help="a markdown file whose <!-- losses:begin --> ... <!-- losses:end --> "
+                                         "section is replaced by the table")
+    args = parser.parse_args(argv)
+    table = describe_losses()
+    if not args.readme:
+        print(table)
+        return
+    text = open(args.readme, encoding="utf-8").read()
+    begin, end = "<!-- losses:begin -->", "<!-- losses:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{args.readme} has no {begin} ... {end} section")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(args.readme, "w", encoding="utf-8") as f:
+        f.write(f"{head}{begin}\n{table}\n{end}{tail}")
+    print(f"updated the loss table in {args.readme}")
+
+
+if __name__ == "__main__":
+    _main()
