@@ -27,6 +27,8 @@ process per part with its own ``--out``. Formats (one function each below, ``CON
     vla-ranked  Vision-LLM-Alignment's RM/DPO data: LLaVA {"id", "image", "conversations"} whose last gpt "value"
                 is a list of k >= 2 responses ranked best to worst -> preference with "candidates".
     mllm-dpo    mllm-dpo's DPO file with reference log-probs -> preference with "ref_logps" (see below).
+    unpaired    TRL's unpaired layout for KTO: {"id"?, "prompt", "completion", "label": true|false,
+                "images": [paths] | "image": path} -> unpaired (label true: desirable).
 
 mllm-dpo's layout (its ``train.py`` ``encode_multimodal_preference_sample`` and ``eval_logp_for_ddp_scriptversion.py``):
 "question" is a LLaVA turn {"from": "human", "value"}, or that dict's Python repr (the seed parses it with
@@ -315,9 +317,21 @@ def mllm_dpo(src: dict, image_root: str, default_id: str, ref_model: str = MLLM_
     return record, _image_paths(src, image_root)
 
 
+def unpaired(src: dict, image_root: str, default_id: str) -> Converted:
+    """TRL's unpaired {"prompt", "completion", "label"} -> unpaired record (KTO)."""
+    if "prompt" not in src:
+        raise BadRecord("missing_field", "'prompt' is missing")
+    label = src.get("label")
+    if not isinstance(label, bool):
+        raise BadRecord("wrong_type", f"'label' must be true (desirable) or false (undesirable), got {label!r:.40}")
+    record = {"kind": "unpaired", "id": _id(src, default_id), "prompt": _turns(src["prompt"], "prompt"),
+              "completion": _text(src, "completion"), "label": label, "meta": {"source": "unpaired"}}
+    return record, _image_paths(src, image_root)
+
+
 CONVERTERS: dict[str, Callable[..., Converted]] = {
     "llava-sft": llava_sft, "preference": preference, "seva": seva, "sima": sima, "vla-ranked": vla_ranked,
-    "mllm-dpo": mllm_dpo,
+    "mllm-dpo": mllm_dpo, "unpaired": unpaired,
 }
 
 

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from vlalign.data.chat import Encoder
-from vlalign.data.collate import PairExample, collate_pairs
+from vlalign.data.collate import PairExample, collate_pairs, to_device
 from vlalign.data.pipeline import Encode
 from vlalign.data.schema import LogProb, PreferenceRecord
 from vlalign.data.shards import SampleError, ShardWriter, decode_sample, expand_urls, image_members
@@ -81,9 +81,9 @@ def score(backbone, examples: list[PairExample], layout: str = "packed") -> list
     """Reference log-probs of every response of every example (examples share their number of responses)."""
     batch = collate_pairs(examples, backbone.tokenizer.pad_token_id, layout=layout)
     device = next(backbone.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = to_device(batch, device)
     out = pair_logps(backbone, batch)
-    s, m, n = out["sum"].double().cpu().tolist(), out["mean"].double().cpu().tolist(), out["tokens"].cpu().tolist()
+    s, m, n = out.sum.double().cpu().tolist(), out.mean.double().cpu().tolist(), out.tokens.cpu().tolist()
     return [[LogProb(s[b][i], m[b][i], int(n[b][i])) for i in range(len(s[b]))] for b in range(len(examples))]
 
 

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from vlalign.data.collate import to_device
 from vlalign.data.module import ShardDataModule
 from vlalign.data.shards import expand_urls
 from vlalign.generation import add_runtime_args, count_samples, report
@@ -88,7 +89,7 @@ def run(args) -> dict:
         batch_skipped = batch.pop("skipped", {})
         for reason, n in batch_skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         rewards = scorer.score_batch(batch).float().cpu()  # (batch, 2)
         ids += [str(i) for i in batch["ids"]]
         chosen += rewards[:, 0].tolist()

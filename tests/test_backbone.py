@@ -45,7 +45,7 @@ def test_token_logps_match_full_logits(make_backbone):
     pv = torch.randn(1, 3, 48, 48, generator=g)
     with torch.no_grad():
         h = bb.hidden_states(ids, torch.ones_like(ids), pixel_values=pv)
-        got = bb.token_logps(h[:, :-1], labels[:, 1:], chunk=3)   # several chunks
+        got = bb.token_logps(h[:, :-1], labels[:, 1:], chunk=3).logps   # several chunks
         logits = bb.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv).logits
     ref = logits[:, :-1].log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
     ref = ref * (labels[:, 1:] != -100)

@@ -1,5 +1,6 @@
-"""The README's training commands through the real CLI, shortened: SFT from scratch, then DPO, the reward model and
-PPO from its export (PPO scoring with that reward model)."""
+"""The README's training commands through the real CLI, shortened: SFT from scratch, then DPO (with a weighted
+mix of losses given on the command line), KTO, the reward model and PPO from its export (PPO scoring with that reward
+model)."""
 
 import glob
 import os
@@ -27,7 +28,7 @@ def _scalars(logdir, tag):
     return [e.value for e in ea.Scalars(tag)]
 
 
-def test_sft_then_dpo_reward_and_ppo_through_the_cli(tmp_path):
+def test_sft_then_dpo_kto_reward_and_ppo_through_the_cli(tmp_path):
     runs = tmp_path / "runs"
     _fit("conf/sft.yaml", tmp_path, "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
          "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "5",
@@ -46,12 +47,24 @@ def test_sft_then_dpo_reward_and_ppo_through_the_cli(tmp_path):
                "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
                "--trainer.default_root_dir", str(runs / "dpo"), "--trainer.logger.init_args.save_dir", str(runs),
                "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
+               "--model.init_args.loss", "{sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}",
                "--model.init_args.export_dir", str(runs / "dpo" / "export"))
     logdir = glob.glob(str(runs / "dpo" / "version_*"))[0]
     for tag in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "loss", "val/rewards/accuracies"):
-        assert _scalars(logdir, tag), tag
+                "logps/rejected", "loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "tokens_seen"):
+        assert _scalars(logdir, f"train/{tag}"), tag
+    assert _scalars(logdir, "val/rewards/accuracies") and _scalars(logdir, "val/loss")
     assert os.path.exists(runs / "dpo" / "export" / "adapter" / "adapter_model.safetensors")
+
+    _fit("conf/kto.yaml", tmp_path, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+         "--trainer.default_root_dir", str(runs / "kto"), "--trainer.logger.init_args.save_dir", str(runs),
+         "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
+         "--model.init_args.export_dir", str(runs / "kto" / "export"))
+    logdir = glob.glob(str(runs / "kto" / "version_*"))[0]
+    for tag in ("train/loss", "train/kl", "train/rewards/desirable", "val/loss", "val/rewards/undesirable"):
+        assert _scalars(logdir, tag), tag
+    assert os.path.exists(runs / "kto" / "export" / "merged" / "model.safetensors")
 
     _fit("conf/reward.yaml", tmp_path, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
          "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
@@ -64,13 +77,13 @@ def test_sft_then_dpo_reward_and_ppo_through_the_cli(tmp_path):
     assert os.path.exists(runs / "reward" / "export" / "value_head.safetensors")
 
     _fit("conf/ppo.yaml", tmp_path, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-         "--trainer.limit_val_batches", "1", "--model.init_args.max_new_tokens", "8",
+         "--trainer.limit_val_batches", "1", "--model.init_args.sampling.max_new_tokens", "8",
          "--trainer.default_root_dir", str(runs / "ppo"), "--trainer.logger.init_args.save_dir", str(runs),
          "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
          "--model.init_args.reward_model", str(runs / "reward" / "export"),
          "--model.init_args.export_dir", str(runs / "ppo" / "export"))
     logdir = glob.glob(str(runs / "ppo" / "version_*"))[0]
-    for tag in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "val/reward_mean", "val/kl"):
+    for tag in ("train/reward_mean", "train/kl", "train/policy_loss", "train/value_loss", "val/reward_mean", "val/kl"):
         assert _scalars(logdir, tag), tag
     assert os.path.exists(runs / "ppo" / "export" / "merged" / "model.safetensors")
 

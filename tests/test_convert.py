@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlalign.data.schema import PreferenceRecord, SFTRecord
+from vlalign.data.schema import PreferenceRecord, SFTRecord, UnpairedRecord
 from vlalign.data.shards import read_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +98,21 @@ def test_preference(tmp_path, images):
     assert _same_images(i2, [images / "c.jpg"])  # JPEG bytes carried unchanged decode to the same pixels
     assert r3.candidates == ["best", "mid", "worst"] and r3.scores == scores
     assert (r3.chosen, r3.rejected) == ("best", "worst") and _same_images(i3, [images / "b.png"])
+
+
+def test_unpaired(tmp_path, images):
+    src = _write(tmp_path / "kto.jsonl", [
+        {"prompt": "What colour?", "completion": "Red.", "label": True, "images": ["a.png"]},
+        {"id": "u2", "prompt": [{"role": "user", "content": "<image>\nCount."}], "completion": "Nine.",
+         "label": False, "image": "c.jpg"},
+        {"prompt": "Q?", "completion": "A.", "label": "yes", "image": "a.png"},
+    ], lines=True)
+    summary = _run("unpaired", src, images, tmp_path, "--skip-bad")
+    (r1, i1), (r2, i2) = _read(summary)
+    assert isinstance(r1, UnpairedRecord) and (r1.completion, r1.label) == ("Red.", True)
+    assert r2.id == "u2" and r2.label is False and r2.prompt[0]["content"] == "<image>\nCount."
+    assert _same_images(i1, [images / "a.png"]) and _same_images(i2, [images / "c.jpg"])
+    assert summary["skipped"] == {"wrong_type": 1}
 
 
 def test_seva(tmp_path, images):
@@ -242,7 +257,7 @@ def test_empty_sources(tmp_path, images):
 def test_converters_are_plain_functions(images):
     record, paths = convert.seva({"chosen": "a", "reject": "b", "question": "q", "image_id": "c"}, str(images), "id0")
     assert record["kind"] == "preference" and record["id"] == "id0" and paths == [str(images / "c.jpg")]
-    assert set(convert.CONVERTERS) == {"llava-sft", "preference", "seva", "sima", "vla-ranked", "mllm-dpo"}
+    assert set(convert.CONVERTERS) == {"llava-sft", "preference", "seva", "sima", "vla-ranked", "mllm-dpo", "unpaired"}
 
 
 def test_script_runs(tmp_path, images):

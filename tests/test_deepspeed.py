@@ -14,6 +14,7 @@ Runs go in subprocesses: DeepSpeed initialises a process group per run.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -27,7 +28,8 @@ sys.path.insert(0, {here!r})
 import lightning as L
 import torch
 from deepspeed_cpu import CPUDeepSpeedStrategy
-from vlalign.backbone import BackboneConfig, LoraSpec, gathered
+from vlalign.backbone import BackboneConfig, LoraSpec
+from vlalign.zero import gathered
 from vlalign.data.module import ShardDataModule
 from vlalign.optim import OptimConfig
 
@@ -47,7 +49,7 @@ class Grab(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, idx):
         if kind == "ppo":
-            out["losses"].append(float(trainer.callback_metrics["ppo/reward_mean"]))
+            out["losses"].append(float(trainer.callback_metrics["train/reward_mean"]))
         else:
             out["losses"].append(float(outputs["loss"]))
 
@@ -62,8 +64,11 @@ elif kind == "reward":
                           OptimConfig(lr=1e-3))  # the head alone trains: its initialisation decides the first loss
 elif kind == "ppo":
     from vlalign.ppo import PPOModule
+    from vlalign.generation import Sampling
+    from vlalign.ppo import PPOConfig
     module = PPOModule(BackboneConfig(checkpoint=ckpt, lora=lora, train_projector=False), reward,
-                       OptimConfig(lr=1e-3), max_new_tokens=6, ppo_epochs=1, sample_every=0, critic_lora=lora)
+                       OptimConfig(lr=1e-3), PPOConfig(epochs=1), Sampling(max_new_tokens=6, do_sample=True),
+                       sample_every=0, critic_lora=lora)
 dm = ShardDataModule(train=shards, val=None, batch_size=4, num_workers=0, shuffle_buffer=0)
 strategy = "auto" if stage == 0 else CPUDeepSpeedStrategy(stage=stage)
 trainer = L.Trainer(max_steps=2 if kind == "ppo" else 3, accelerator="cpu", devices=1, strategy=strategy,
@@ -79,13 +84,20 @@ SHARDS = {"sft": "sft/train-*.tar", "reward": "preference/train-*.tar", "ppo": "
 _PLAIN: dict = {}
 
 
+def _free_port() -> int:
+    """A port nobody listens on now (two test runs on one machine must not share MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(kind, stage, exported, shapes_dir, tmp_path):
     if stage == 0 and kind in _PLAIN:
         return _PLAIN[kind]
     base, reward = exported
     script = tmp_path / f"run_{kind}{stage}.py"
     script.write_text(SCRIPT.format(here=HERE))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + stage),
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, str(script), kind, str(stage), base, f"{shapes_dir}/{SHARDS[kind]}", reward],
                          capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))

@@ -54,7 +54,7 @@ def test_trainable_change_frozen_and_reference_do_not(base, shapes_dir, referenc
         else:
             assert torch.equal(p, before[n]), f"frozen {n} changed"
     if reference == "copy":
-        assert any(n.startswith("ref_backbone.") for n in before)
+        assert any(n.startswith("reference.backbone.") for n in before)
 
 
 def test_precomputed_reference_gives_the_adapter_loss(base, shapes_dir):
@@ -65,13 +65,13 @@ def test_precomputed_reference_gives_the_adapter_loss(base, shapes_dir):
     m.eval()
     batch = _batch(m, shapes_dir)
     with torch.no_grad():
-        loss_a, metrics_a = m.forward_loss(batch)
+        loss_a, metrics_a = m.step(batch)
         ref = m.reference_logps(batch)
     pre = DPOModule(m.backbone.config, reference="precomputed")
     pre.backbone = m.backbone
-    batch_c = dict(batch, ref_logps_sum=ref["sum"], ref_logps_mean=ref["mean"])
+    batch_c = dict(batch, ref_logps_sum=ref.sum, ref_logps_mean=ref.mean)
     with torch.no_grad():
-        loss_c, metrics_c = pre.forward_loss(batch_c)
+        loss_c, metrics_c = pre.step(batch_c)
     torch.testing.assert_close(loss_c, loss_a, rtol=1e-6, atol=1e-6)
     assert loss_a.item() != pytest.approx(0.6931, abs=1e-4)  # the adapter made a difference
 
@@ -80,7 +80,7 @@ def test_loss_is_log2_when_policy_equals_reference(base, shapes_dir):
     m = _module(base, reference="adapter")  # LoRA B = 0: policy == reference
     m.eval()
     with torch.no_grad():
-        loss, metrics = m.forward_loss(_batch(m, shapes_dir))
+        loss, metrics = m.step(_batch(m, shapes_dir))
     assert loss.item() == pytest.approx(0.693147, abs=1e-5)
     assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-6)
 
@@ -92,8 +92,8 @@ def test_packed_and_plain_give_the_same_loss(base, shapes_dir):
             torch.nn.init.normal_(p, std=0.05)
     m.eval()
     with torch.no_grad():
-        packed, _ = m.forward_loss(_batch(m, shapes_dir, "packed"))
-        plain, _ = m.forward_loss(_batch(m, shapes_dir, "plain"))
+        packed, _ = m.step(_batch(m, shapes_dir, "packed"))
+        plain, _ = m.step(_batch(m, shapes_dir, "plain"))
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
 
 
@@ -108,7 +108,7 @@ def test_plackett_luce_on_ranked_candidates(base, shapes_dir):
     m = _module(base, loss="plackett_luce", num_responses=3)
     batch = _batch(m, shapes_dir, k=3)
     assert batch["targets"].shape[0] == 3 * batch["input_ids"].shape[0]
-    loss, _ = m.forward_loss(batch)
+    loss, _ = m.step(batch)
     assert torch.isfinite(loss)
 
 
@@ -119,14 +119,44 @@ def test_noisy_rejected_scoring_runs_and_differs(base, shapes_dir):
     m.eval()
     batch = _batch(m, shapes_dir)
     with torch.no_grad():
-        noisy = m.policy_logps(batch)["sum"]
-        plain = std.policy_logps(batch)["sum"]
+        noisy = m.policy_logps(batch).sum
+        plain = std.policy_logps(batch).sum
     torch.testing.assert_close(noisy[:, 0], plain[:, 0])          # chosen scored as usual
     assert not torch.allclose(noisy[:, 1], plain[:, 1])          # rejected scored by the model's own guesses
 
 
 def test_bad_configuration_is_refused(base):
+    lora = LoraSpec(r=2)
     with pytest.raises(ValueError, match="adapter"):
         DPOModule(BackboneConfig(checkpoint=base), reference="adapter")
-    with pytest.raises(ValueError, match="loss must be one of"):
-        DPOModule(BackboneConfig(checkpoint=base, lora=LoraSpec(r=2)), loss="nope")
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        DPOModule(BackboneConfig(checkpoint=base, lora=lora), loss="nope")
+    with pytest.raises(ValueError, match="needs a reference"):
+        DPOModule(BackboneConfig(checkpoint=base, lora=lora), loss="sigmoid", reference="none")
+    with pytest.raises(ValueError, match="logp 'mean'"):
+        DPOModule(BackboneConfig(checkpoint=base, lora=lora), loss="simpo", logp="mean")
+    with pytest.raises(ValueError, match="num_responses=3"):
+        DPOModule(BackboneConfig(checkpoint=base, lora=lora), loss="sigmoid", num_responses=3)
+    with pytest.raises(ValueError, match="beta"):
+        DPOModule(BackboneConfig(checkpoint=base, lora=lora), beta=0.0)
+
+
+def test_reference_free_losses_run_no_reference(base, shapes_dir):
+    """SimPO on a fully fine-tuned policy: no LoRA to disable and no copy built; the step never asks for a reference
+    (a ``none`` reference raises if asked)."""
+    m = _module(base, loss="simpo", lora=LoraSpec(r=0), beta=2.0)
+    assert m.reference.mode == "none" and m.reference.backbone is None
+    loss, metrics = m.step(_batch(m, shapes_dir))
+    assert torch.isfinite(loss) and "rewards/margins" in metrics
+    with pytest.raises(RuntimeError, match="without a reference"):
+        m.reference.logps(m.backbone, _batch(m, shapes_dir))
+
+
+def test_mixed_preference_optimisation_trains_and_logs_each_term(base, shapes_dir):
+    m = _module(base, loss={"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0})
+    _fit(m, shapes_dir, steps=3)
+    metrics = m.trainer.callback_metrics
+    for term in ("sigmoid", "bco_pair", "sft"):
+        assert torch.isfinite(metrics[f"train/loss/{term}"])
+    count, mean = m.reward_stats.tolist()
+    assert count == 3 and mean != 0.0  # BCO's running reward mean moved with training

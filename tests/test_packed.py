@@ -44,11 +44,11 @@ def test_layouts_match_separate_forwards(make_backbone, layout, side):
     with torch.no_grad():
         expected = _separate_forwards(bb, examples)
         out = pair_logps(bb, batch)
-    got = out["sum"].reshape(-1)
+    got = out.sum.reshape(-1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     tokens = torch.tensor([len(r) for e in examples for r in e.responses], dtype=torch.float32)
-    torch.testing.assert_close(out["mean"].reshape(-1), expected / tokens, rtol=1e-5, atol=1e-5)
-    assert out["tokens"].reshape(-1).tolist() == tokens.tolist()
+    torch.testing.assert_close(out.mean.reshape(-1), expected / tokens, rtol=1e-5, atol=1e-5)
+    assert out.tokens.reshape(-1).tolist() == tokens.tolist()
 
 
 def test_packed_mask_keeps_responses_apart():

@@ -9,8 +9,9 @@ import torch
 
 from vlalign.backbone import Backbone, BackboneConfig, LoraSpec, TinySpec
 from vlalign.data.module import ShardDataModule
+from vlalign.generation import Sampling
 from vlalign.optim import OptimConfig
-from vlalign.ppo import PPOModule, check_same_tokenizer
+from vlalign.ppo import PPOConfig, PPOModule, check_same_tokenizer
 
 METRICS = ("reward_mean", "reward_normalised_mean", "kl", "policy_loss", "value_loss", "clip_fraction",
            "value_clip_fraction", "approx_kl", "entropy", "response_length", "advantage_mean", "advantage_std",
@@ -22,13 +23,14 @@ def models(reward_export):
     return reward_export
 
 
-def _module(models, **kw):
+def _module(models, reference="adapter", **ppo):
     base, reward = models
     cfg = BackboneConfig(checkpoint=base, lora=LoraSpec(r=4, alpha=8, dropout=0.0), train_vision=False,
                          train_projector=False)
-    kw = {"max_new_tokens": 8, "ppo_epochs": 2, "minibatch_size": 2, "reward_scale": 1.0, "sample_every": 1,
-          "critic_lora": LoraSpec(r=4, alpha=8, dropout=0.0), **kw}
-    return PPOModule(cfg, reward, OptimConfig(lr=1e-2, schedule="constant"), critic_lr=1e-2, **kw)
+    ppo = PPOConfig(**{"epochs": 2, "minibatch_size": 2, "reward_scale": 1.0, **ppo})
+    return PPOModule(cfg, reward, OptimConfig(lr=1e-2, head_lr=1e-2, schedule="constant"), ppo,
+                     Sampling(max_new_tokens=8, do_sample=True, temperature=0.75, top_p=0.95, top_k=50),
+                     critic_lora=LoraSpec(r=4, alpha=8, dropout=0.0), reference=reference, sample_every=1)
 
 
 def _fit(module, shapes_dir, max_steps, val=True):
@@ -52,7 +54,7 @@ def test_policy_and_critic_train_and_the_frozen_do_not(models, shapes_dir, refer
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert any(n.startswith("backbone.") and "lora_" in n for n in trainable)
     assert any(n.startswith("critic.") and "lora_" in n for n in trainable) and "critic_head.weight" in trainable
-    assert not any(n.startswith(("reward.", "ref_backbone.")) for n in trainable)
+    assert not any(n.startswith(("reward.", "reference.")) for n in trainable)
     trainer = _fit(m, shapes_dir, max_steps=8)  # 2 rollouts x 2 epochs x 2 minibatches
     assert m.rollouts == 2 and trainer.global_step == 8
     for n, p in m.named_parameters():
@@ -63,16 +65,16 @@ def test_policy_and_critic_train_and_the_frozen_do_not(models, shapes_dir, refer
             assert torch.equal(p, before[n]), f"frozen {n} changed"
     assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n.startswith("backbone.") and "lora_A" in n)
     for name in METRICS:
-        value = float(trainer.callback_metrics[f"ppo/{name}"])
+        value = float(trainer.callback_metrics[f"train/{name}"])
         assert math.isfinite(value), name
-    assert 1 <= float(trainer.callback_metrics["ppo/response_length"]) <= 8
+    assert 1 <= float(trainer.callback_metrics["train/response_length"]) <= 8
     assert math.isfinite(float(trainer.callback_metrics["val/reward_mean"]))
     assert len(m.scores) == 8  # the window holds every score so far
 
 
 def test_critic_warmup_trains_the_critic_only(models, shapes_dir):
     torch.manual_seed(0)
-    m = _module(models, critic_warmup_steps=1, ppo_epochs=1, minibatch_size=None)
+    m = _module(models, critic_warmup_steps=1, epochs=1, minibatch_size=None)
     m.configure_model()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     _fit(m, shapes_dir, max_steps=1, val=False)

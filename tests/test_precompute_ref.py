@@ -57,9 +57,9 @@ def test_stored_logps_equal_a_fresh_reference(model_dir, scored):
         assert record.ref_logps["model"] == summary["model"]
         for i, side in enumerate(("chosen", "rejected")):
             lp = record.ref_logps[side]
-            assert lp.sum == pytest.approx(out["sum"][b, i].item(), rel=1e-5)
-            assert lp.mean == pytest.approx(out["mean"][b, i].item(), rel=1e-5)
-            assert lp.tokens == out["tokens"][b, i].item()
+            assert lp.sum == pytest.approx(out.sum[b, i].item(), rel=1e-5)
+            assert lp.mean == pytest.approx(out.mean[b, i].item(), rel=1e-5)
+            assert lp.tokens == out.tokens[b, i].item()
 
 
 def test_dpo_pipeline_accepts_them(scored, model_dir):
@@ -120,6 +120,6 @@ def test_dpo_trains_on_them_with_loss_log2_at_the_start(scored, model_dir):
     batch = next(iter(dm.stream("train", shuffle=False, batch_size=N)))
     assert not batch["skipped"] and batch["ref_logps_sum"].shape == (N, 2)
     with torch.no_grad():
-        loss, metrics = module.forward_loss(batch)
+        loss, metrics = module.step(batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-4)
     assert metrics["rewards/margins"].abs().item() < 1e-3

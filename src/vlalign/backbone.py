@@ -18,13 +18,15 @@ gradient checkpointing and SDPA attention, and offers the pieces the algorithms 
 * ``hidden_states(input_ids, attention_mask, position_ids, images) -> (batch, seq, hidden)``; the mask may be
   2D padding ``(batch, seq)`` or a 4D boolean ``(batch, 1, seq, seq)`` (True = attend), used by DPO's packed
   shared-prefix sequences;
-* ``token_logps(hidden, labels)``: log-probabilities of the label tokens computed from the hidden states at the
-  labelled positions only, so the vocabulary projection never runs over the image and prompt tokens;
+* ``token_logps(hidden, labels) -> TokenLogps``: log-probabilities of the label tokens computed from the hidden
+  states at the labelled positions only, so the vocabulary projection never runs over the image and prompt tokens;
 * ``generate(...)`` for data_prep and eval; ``export_adapter`` / ``export_merged`` (a merged checkpoint loads
   with plain ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``).
 
-The model itself is built by ``build()`` (LightningModules call it from ``configure_model`` so that DeepSpeed
-ZeRO-3 can shard it while it is created); the processor is ready at construction, for the DataModule.
+The model itself is built by ``build()``: load (checkpoint / compose / tiny), LoRA, what trains, gradient
+checkpointing. The algorithms' base module calls it from ``configure_model``, so that DeepSpeed ZeRO-3 shards the
+model while it is created (the helpers for that are in ``zero.py``); the processor is ready at construction, for
+the DataModule. ``BackboneConfig.frozen_copy()`` is the config of a frozen reference of the same source.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from dataclasses import dataclass, field, replace
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .data.chat import LLAVA_CHAT_TEMPLATE, TINY_CHAT_TEMPLATE
+from .zero import gathered, inside_zero_init, partitioned, seeded, zero3_loading
 
 LANGUAGE_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,6 +160,14 @@ class BackboneConfig:
             return "checkpoint"
         return "compose" if self.vision_checkpoint else "tiny"
 
+    def frozen_copy(self) -> "BackboneConfig":
+        """The same source as a frozen model (a reference): no new LoRA, nothing trains, no checkpointing.
+
+        A saved ``adapter`` stays: the copy is the model this config starts from.
+        """
+        return replace(self, lora=LoraSpec(r=0), train_vision=False, train_projector=False, train_language=False,
+                       gradient_checkpointing=False)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Processors
@@ -258,47 +269,17 @@ def _tiny_model(spec: TinySpec, tokenizer, attn: str):
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          image_seq_length=(spec.image_size // spec.patch_size) ** 2)
     config._attn_implementation = attn
-    if not _inside_zero_init():
-        with _seeded(spec.seed):
+    if not inside_zero_init():
+        with seeded(spec.seed):
             return LlavaForConditionalGeneration(config)
     # ZeRO-3 partitions parameters as modules are created; initialise them gathered, then let them re-partition
-    import deepspeed
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
         model = LlavaForConditionalGeneration(config)
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0), _seeded(spec.seed):
+    with gathered(model.parameters()), seeded(spec.seed):
         model.init_weights()
     return model
-
-
-def _inside_zero_init() -> bool:
-    """True while DeepSpeed ZeRO-3's ``zero.Init`` partitions modules as they are created."""
-    import sys
-
-    if "deepspeed" not in sys.modules:  # nothing can be partitioning (and importing it would print warnings)
-        return False
-    from deepspeed.runtime.zero import partition_parameters
-
-    return partition_parameters.zero_init_context > 0
-
-
-
-@contextlib.contextmanager
-def _zero3_loading(deepspeed_config: Optional[dict]):
-    """Let transformers know about ZeRO-3 while loading, so checkpoint weights go into partitioned parameters."""
-    if not (_inside_zero_init() and deepspeed_config):
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    keep = HfDeepSpeedConfig(deepspeed_config)  # registered through a weak reference: hold it while loading
-    try:
-        yield
-    finally:
-        del keep
-        unset_hf_deepspeed_config()
 
 
 def _init_lora_gathered(model: nn.Module, seed: int):
@@ -306,50 +287,13 @@ def _init_lora_gathered(model: nn.Module, seed: int):
     on the gathered weights (A: Kaiming-uniform as peft does, B: zeros, so training starts from the base model)."""
     import math
 
-    import deepspeed
-
     lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
-    with deepspeed.zero.GatheredParameters([p for _, p in lora], modifier_rank=0), _seeded(seed):
+    with gathered([p for _, p in lora]), seeded(seed):
         for n, p in lora:
             if "lora_A" in n:
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
             else:
                 nn.init.zeros_(p)
-
-
-def gathered(params, modify: bool = True):
-    """Context in which ZeRO-3 partitioned ``params`` are whole on every rank (rank 0's in-place edits are kept
-    and broadcast when ``modify``); a no-op for ordinary parameters. Use it to initialise or copy weights that
-    were created inside ``deepspeed.zero.Init`` (e.g. in ``configure_model`` under ZeRO-3)."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
-
-
-def partitioned(module: nn.Module) -> bool:
-    """True when ``module``'s parameters are ZeRO-3 partitions."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def deepspeed_config_of(trainer) -> Optional[dict]:
-    """The DeepSpeed config of a trainer running ZeRO stage 3, else None."""
-    strategy = getattr(trainer, "strategy", None)
-    if getattr(strategy, "zero_stage_3", False):
-        return strategy.config
-    return None
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def _composed_model(cfg: BackboneConfig, tokenizer, dtype, attn: str):
@@ -371,6 +315,14 @@ def _composed_model(cfg: BackboneConfig, tokenizer, dtype, attn: str):
     if len(tokenizer) != model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+class TokenLogps(NamedTuple):
+    """``Backbone.token_logps``: label log-probs (batch, seq) and, when asked for, the labelled positions' logits
+    (n_labelled, vocab)."""
+
+    logps: torch.Tensor
+    logits: Optional[torch.Tensor] = None
 
 
 class Backbone(nn.Module):
@@ -395,23 +347,34 @@ class Backbone(nn.Module):
         return self.model is not None
 
     def build(self, deepspeed_config: Optional[dict] = None) -> "Backbone":
-        """Create (or load) the model, apply freezing, LoRA and checkpointing. Idempotent.
+        """Create the model in four steps: load it, add LoRA, choose what trains, turn on checkpointing. Idempotent.
 
-        deepspeed_config: the DeepSpeed config when building under ZeRO-3 (``deepspeed_config_of(trainer)``), so
-        transformers loads checkpoint weights into the partitioned parameters.
+        deepspeed_config: the DeepSpeed config when building under ZeRO-3 (``zero.deepspeed_config_of(trainer)``),
+        so transformers loads checkpoint weights into the partitioned parameters.
         """
         if self.built:
             return self
+        model = self._load(deepspeed_config)
+        self._add_lora(model)
+        self._freeze(model)
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # from_pretrained leaves eval mode; training wants dropout (LoRA's included)
+        self.model = model
+        return self
+
+    def _load(self, deepspeed_config: Optional[dict]):
+        """The LLaVA of the config's source: a checkpoint, a composition, or the embedded tiny default."""
         cfg = self.config
         dtype, attn = DTYPES[cfg.dtype], cfg.attn_implementation
         if cfg.source == "checkpoint":
             from transformers import LlavaForConditionalGeneration
 
-            with _zero3_loading(deepspeed_config):
+            with zero3_loading(deepspeed_config):
                 model = LlavaForConditionalGeneration.from_pretrained(cfg.checkpoint, local_files_only=True,
                                                                       dtype=dtype, attn_implementation=attn)
         elif cfg.source == "compose":
-            with _zero3_loading(deepspeed_config):
+            with zero3_loading(deepspeed_config):
                 model = _composed_model(cfg, self.tokenizer, dtype, attn)
         else:
             model = _tiny_model(cfg.tiny, self.tokenizer, attn).to(dtype)
@@ -420,37 +383,39 @@ class Backbone(nn.Module):
                              f"<image> id {self.image_token_id}: the forward would fail with 'Image features and "
                              "image tokens do not match'")
         model.config.use_cache = False
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cfg.adapter or cfg.lora.r > 0:
-            from peft import LoraConfig, PeftModel, get_peft_model
+        return model
 
-            if cfg.adapter:
-                peft_model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=cfg.train_language)
-            else:
-                lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                target_modules=cfg.lora.target_regex(), bias="none")
-                peft_model = get_peft_model(model, lc)
-                if _inside_zero_init():
-                    _init_lora_gathered(model, cfg.tiny.seed)
-            object.__setattr__(self, "peft_model", peft_model)
+    def _add_lora(self, model):
+        """LoRA on the language model: a saved adapter, or a new one (initialised gathered under ZeRO-3)."""
+        cfg = self.config
+        if not (cfg.adapter or cfg.lora.r > 0):
+            return
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if cfg.adapter:
+            peft_model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=cfg.train_language)
+        else:
+            lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                            target_modules=cfg.lora.target_regex(), bias="none")
+            peft_model = get_peft_model(model, lc)
+            if inside_zero_init():
+                _init_lora_gathered(model, cfg.tiny.seed)
+        object.__setattr__(self, "peft_model", peft_model)
+
+    def _freeze(self, model):
+        """What trains, per part: the vision tower, the projector, and the language model (its LoRA weights when
+        it has LoRA, all its weights otherwise). Runs after LoRA is added: peft freezes everything but LoRA."""
+        cfg = self.config
+        model.requires_grad_(False)
+        if self.peft_model is not None:
             for n, p in model.named_parameters():
                 if "lora_" in n:
                     p.requires_grad_(cfg.train_language)
-        elif cfg.train_language:
-            for p in model.model.language_model.parameters():
-                p.requires_grad_(True)
-            for p in model.lm_head.parameters():
-                p.requires_grad_(True)
-        for p in model.model.vision_tower.parameters():
-            p.requires_grad_(cfg.train_vision)
-        for p in model.model.multi_modal_projector.parameters():
-            p.requires_grad_(cfg.train_projector)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # from_pretrained leaves eval mode; training wants dropout (LoRA's included)
-        self.model = model
-        return self
+        else:
+            model.model.language_model.requires_grad_(cfg.train_language)
+            model.lm_head.requires_grad_(cfg.train_language)
+        model.model.vision_tower.requires_grad_(cfg.train_vision)
+        model.model.multi_modal_projector.requires_grad_(cfg.train_projector)
 
     def _need(self):
         if not self.built:
@@ -551,29 +516,31 @@ class Backbone(nn.Module):
         return self._need().lm_head(hidden)
 
     def token_logps(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4096,
-                    return_logits: bool = False):
+                    keep_logits: bool = False) -> "TokenLogps":
         """Per-token log-probabilities of the labels, projecting only the labelled positions onto the vocabulary.
 
         ``labels[b, t]`` is the token predicted from position t (already shifted), -100 where nothing is
-        predicted. hidden: (batch, seq, hidden); labels: (batch, seq). Returns (batch, seq) log-probs with 0 at
-        unlabelled positions (and, with ``return_logits``, the (n_labelled, vocab) logits in row-major order).
+        predicted. hidden: (batch, seq, hidden); labels: (batch, seq). Returns ``TokenLogps``: ``logps``
+        (batch, seq) float32 with 0 at unlabelled positions, and with ``keep_logits`` the ``logits``
+        (n_labelled, vocab) of the labelled positions in row-major order (else None).
         Positions are projected ``chunk`` at a time, so peak memory is ``chunk x vocab`` floats.
         """
         mask = labels != -100
         h = hidden[mask]
         targets = labels[mask]
-        out = hidden.new_zeros(labels.shape, dtype=torch.float32)
-        picked, all_logits = [], []
+        logps = hidden.new_zeros(labels.shape, dtype=torch.float32)
+        picked, kept = [], []
         for i in range(0, h.shape[0], chunk):
             lg = self.logits(h[i:i + chunk]).float()
             picked.append(torch.gather(lg.log_softmax(-1), 1, targets[i:i + chunk, None]).squeeze(1))
-            if return_logits:
-                all_logits.append(lg)
+            if keep_logits:
+                kept.append(lg)
         if picked:
-            out = out.masked_scatter(mask, torch.cat(picked))
-        if return_logits:
-            return out, (torch.cat(all_logits) if all_logits else hidden.new_zeros(0, self.logits(hidden[:0, :0]).shape[-1]))
-        return out
+            logps = logps.masked_scatter(mask, torch.cat(picked))
+        logits = None
+        if keep_logits:
+            logits = torch.cat(kept) if kept else hidden.new_zeros(0, self._need().lm_head.out_features)
+        return TokenLogps(logps, logits)
 
     # ---------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -650,9 +617,6 @@ class Backbone(nn.Module):
         out = {}
         for part, mod in self.parts().items():
             ps = list(mod.parameters())
-            out[part] = {"total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+            out[part] = {"total": sum(p.numel() for p in ps),
+                         "trainable": sum(p.numel() for p in ps if p.requires_grad)}
         return out
-
-
-def config_dict(cfg: BackboneConfig) -> dict:
-    return asdict(cfg)

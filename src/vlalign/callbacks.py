@@ -30,17 +30,7 @@ from typing import Optional
 import lightning as L
 import torch
 
-
-def _counts(batch: dict) -> tuple[int, int, list[int]]:
-    """(samples, non-pad tokens, per-row lengths) of a training batch of any format."""
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return 0, 0, []
-    if mask.dim() != 2:
-        mask = batch["segment_ids"] >= 0
-    lengths = mask.sum(-1).tolist()
-    samples = len(batch.get("ids", lengths))
-    return samples, int(sum(lengths)), lengths
+from .data.collate import batch_counts
 
 
 def forward_flops(backbone, lengths: list[int], n_images: int) -> float:
@@ -96,7 +86,7 @@ class Benchmark(L.Callback):
             return
         self._sync(trainer)
         dt = time.perf_counter() - self._t0
-        samples, tokens, lengths = _counts(batch)
+        samples, tokens, lengths = batch_counts(batch)
         pv = batch.get("pixel_values")
         n_images = int(pv.shape[0]) if isinstance(pv, torch.Tensor) and pv.dim() == 4 else 0
         bb = getattr(pl_module, "backbone", None)

@@ -11,11 +11,35 @@ Only the hidden states at the positions that predict response tokens are project
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .data.collate import packed_attention_mask
+
+
+@dataclass
+class PairLogps:
+    """Log-probs of the k responses of each example in a ``pairs`` batch (R = batch * k responses, T tokens).
+
+    sum, mean, tokens: (batch, k), responses best first. token_logps, mask: (R, T), 0 / False at padding
+    (``None`` for precomputed reference log-probs, which are stored per response only). logits: (n_target_tokens,
+    vocab) in the row-major order of ``mask``, when asked for.
+    """
+
+    sum: torch.Tensor
+    mean: torch.Tensor
+    tokens: torch.Tensor
+    token_logps: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+    def get(self, reduction: str) -> torch.Tensor:
+        """``sum`` or ``mean`` (batch, k)."""
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        return self.sum if reduction == "sum" else self.mean
 
 
 def pair_image_features(backbone, batch: dict) -> Optional[torch.Tensor]:
@@ -37,13 +61,12 @@ def pair_hidden(backbone, batch: dict, image_features: Optional[torch.Tensor]) -
 
 
 def pair_logps(backbone, batch: dict, image_features: Optional[torch.Tensor] = None,
-               return_logits: bool = False) -> dict[str, torch.Tensor]:
+               keep_logits: bool = False) -> PairLogps:
     """Log-probs of every response in a ``pairs`` batch.
 
     image_features: precomputed ``pair_image_features`` (e.g. shared by the policy and a reference whose vision
     tower and projector are the same frozen modules); computed here when ``None``.
-    Returns ``sum``, ``mean``, ``tokens`` (batch, k), ``token_logps`` (batch * k, T) and ``mask`` (batch * k, T);
-    with ``return_logits`` also ``logits`` (n_target_tokens, vocab) in row-major order of ``mask``.
+    keep_logits: also return the logits of the response tokens (SIMA's noisy scoring, PPO's entropy).
     """
     if image_features is None:
         image_features = pair_image_features(backbone, batch)
@@ -51,14 +74,10 @@ def pair_logps(backbone, batch: dict, image_features: Optional[torch.Tensor] = N
     flat = hidden.reshape(-1, hidden.shape[-1])
     targets = batch["targets"]
     h = flat[batch["target_index"]]  # (R, T, hidden)
-    out = backbone.token_logps(h, targets, return_logits=return_logits)
-    token_logps, logits = out if return_logits else (out, None)
+    token_logps, logits = backbone.token_logps(h, targets, keep_logits=keep_logits)
     mask = targets != -100
     k = batch["num_responses"]
     tokens = mask.sum(-1)
     total = token_logps.sum(-1)
-    result = {"sum": total.view(-1, k), "mean": (total / tokens.clamp(min=1)).view(-1, k),
-              "tokens": tokens.view(-1, k), "token_logps": token_logps, "mask": mask}
-    if return_logits:
-        result["logits"] = logits
-    return result
+    return PairLogps(sum=total.view(-1, k), mean=(total / tokens.clamp(min=1)).view(-1, k), tokens=tokens.view(-1, k),
+                     token_logps=token_logps, mask=mask, logits=logits)

@@ -19,16 +19,15 @@ import json
 import os
 from typing import Optional, Sequence
 
-import lightning as L
 import torch
-import torchmetrics
 from torch import nn
 
-from .backbone import Backbone, BackboneConfig, deepspeed_config_of, gathered
-from .checkpoint import export_backbone, keep_trainable
+from .backbone import Backbone, BackboneConfig
 from .logps import pair_hidden, pair_image_features
 from .losses import RANKING_LOSSES
-from .optim import OptimConfig, build_optimizer
+from .module import AlignModule
+from .optim import OptimConfig
+from .zero import gathered
 
 
 def value_head(hidden_size: int, seed: int = 0) -> nn.Linear:
@@ -65,7 +64,7 @@ def pair_rewards(backbone: Backbone, head: nn.Module, batch: dict, image_feature
     return head(last.to(head.weight.dtype)).squeeze(-1).float().view(-1, batch["num_responses"])
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(AlignModule):
     """Trains a reward model on preference pairs or ranked lists.
 
     Args:
@@ -75,70 +74,47 @@ class RewardModule(L.LightningModule):
         num_responses: 2 for chosen/rejected; k > 2 uses the first k ranked candidates.
         layout: ``packed`` (prompt once per example) or ``plain``.
         head_seed: seed of the value head's initialisation (its own generator: the same head under any strategy).
-        export_dir: export the reward model there at the end of ``fit``.
+        export_dir: export the reward model there at the end of ``fit`` (``merged/``, ``value_head.safetensors``,
+            ``reward.json``).
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(lr=1e-4),
                  loss: str = "bradley_terry", num_responses: int = 2, layout: str = "packed",
                  head_seed: int = 0, export_dir: Optional[str] = None):
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(backbone, optim, export_dir)
         if loss not in RANKING_LOSSES:
             raise ValueError(f"loss must be one of {sorted(RANKING_LOSSES)}, got {loss!r}")
         if loss == "bradley_terry" and num_responses != 2:
             raise ValueError("bradley_terry compares pairs: use num_responses 2, or loss plackett_luce")
+        if layout not in ("packed", "plain"):
+            raise ValueError(f"layout must be 'packed' or 'plain', got {layout!r}")
         self.loss_fn, self.num_responses, self.layout = RANKING_LOSSES[loss], num_responses, layout
-        self.optim, self.export_dir = optim, export_dir
-        self.backbone = Backbone(backbone)
+        self.head_seed = head_seed
         self.head: Optional[nn.Linear] = None
-        self.val_accuracy = torchmetrics.MeanMetric()
-        self.strict_loading = False
 
     def batch_spec(self) -> dict:
         return {"format": "pairs", "layout": self.layout, "num_responses": self.num_responses}
 
-    def configure_model(self):
-        self.backbone.build(deepspeed_config_of(self._trainer))
-        if self.head is None:
-            self.head = value_head(self.backbone.model.config.text_config.hidden_size, self.hparams.head_seed)
+    def build(self, deepspeed_config):
+        self.head = value_head(self.backbone.model.config.text_config.hidden_size, self.head_seed)
 
-    def configure_optimizers(self):
-        named = list(self.backbone.named_trainable()) + [("head", n, p) for n, p in self.head.named_parameters()]
-        return build_optimizer(self, named, self.optim)
+    def trainable(self):
+        yield from self.backbone.named_trainable()
+        yield from (("head", n, p) for n, p in self.head.named_parameters())
 
-    def _step(self, batch):
-        rewards = pair_rewards(self.backbone, self.head, batch)
+    def step(self, batch):
+        rewards = pair_rewards(self.backbone, self.head, batch)  # (batch, k)
         loss = self.loss_fn(rewards).mean()
         chosen, rejected = rewards[:, 0], rewards[:, 1:]
         correct = (chosen[:, None] > rejected).all(-1).float()  # the best ranked above every other
-        metrics = {"accuracy": correct.mean(), "margin": (chosen - rejected[:, -1]).mean(),
-                   "reward_mean": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.sum() * 0}
-        return loss, metrics, correct
+        return loss, {"accuracy": correct.mean(), "margin": (chosen - rejected[:, -1]).mean(),
+                      "reward_mean": rewards.mean(), "reward_std": rewards.std(unbiased=False)}
 
-    def training_step(self, batch, batch_idx):
-        loss, metrics, _ = self._step(batch)
-        bs = batch["targets"].shape[0] // self.num_responses
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()}, batch_size=bs)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        loss, metrics, correct = self._step(batch)
-        bs = batch["targets"].shape[0] // self.num_responses
-        self.val_accuracy.update(correct)
-        self.log("val/loss", loss, batch_size=bs, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "accuracy"}, batch_size=bs, sync_dist=True)
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, on_epoch=True, batch_size=bs)
-
-    def on_save_checkpoint(self, checkpoint):
-        keep_trainable(self, checkpoint)
-
-    def on_fit_end(self):
-        export_backbone(self, self.export_dir)
-        if self.export_dir:
-            with gathered(self.head.parameters(), modify=False):  # collective under ZeRO-3: every rank enters
-                if self.trainer.global_rank == 0:
-                    save_head(self.head, self.export_dir, self.backbone)
+    def export(self, export_dir: str):
+        super().export(export_dir)
+        with gathered(self.head.parameters(), modify=False):  # collective under ZeRO-3: every rank enters
+            if self.trainer.global_rank == 0:
+                save_head(self.head, export_dir, self.backbone)
 
 
 def save_head(head: nn.Linear, export_dir: str, backbone: Backbone):
@@ -183,7 +159,7 @@ class RewardScorer(nn.Module):
     def score(self, images: Sequence, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         """One reward per (image or None, prompt text, response text)."""
         from .data.chat import Encoder
-        from .data.collate import PairExample, collate_pairs
+        from .data.collate import PairExample, collate_pairs, to_device
         from .data.schema import with_images
 
         bb = self.backbone
@@ -197,7 +173,6 @@ class RewardScorer(nn.Module):
                 turns = with_images([{"role": "user", "content": p}], len(ims))
                 pv = bb.processor.image_processor(ims, return_tensors="pt")["pixel_values"] if ims else torch.zeros(0)
                 examples.append(PairExample(enc.prompt(turns), [enc.response(turns, r)], pv))
-            batch = collate_pairs(examples, bb.tokenizer.pad_token_id, layout="plain")
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = to_device(collate_pairs(examples, bb.tokenizer.pad_token_id, layout="plain"), device)
             out += self.score_batch(batch)[:, 0].tolist()
         return out

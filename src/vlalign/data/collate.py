@@ -1,6 +1,6 @@
 """Encoded examples and the collators that pad them into batches.
 
-Three batch formats, one per kind of training signal:
+Four batch formats, one per kind of training signal:
 
 * ``sft``: ``input_ids``, ``attention_mask``, ``labels`` (batch, seq), ``pixel_values`` (n_images, 3, H, W).
 * ``pairs``: a prompt with k ranked responses (k = 2: chosen, rejected) in one of two layouts:
@@ -18,7 +18,12 @@ Three batch formats, one per kind of training signal:
   ``last_index`` (R,) is the flattened row of each response's last token (where a reward model reads its score).
   ``image_index`` lists which image (row of ``pixel_values``) fills each run of image tokens, in order, so image
   features are computed once per example and repeated only where a layout repeats the prompt.
+* ``unpaired``: KTO's examples, one response each with ``desirable`` (batch,) bool, laid out as a ``pairs``
+  batch with k = 2: response 0 is the example's own completion, response 1 the completion of the previous example
+  in the batch (rotated by one), a mismatched response for KTO's batch estimate of KL(pi || pi_ref).
 * ``prompts``: left-padded prompts for generation, plus the records' metadata.
+
+Every format carries ``ids`` (one per example), which ``batch_counts`` counts.
 """
 
 from __future__ import annotations
@@ -45,6 +50,16 @@ class PairExample:
     responses: list[list[int]]  # k responses, best first
     pixel_values: torch.Tensor
     ref_logps: Optional[list[dict]] = None  # k x {"sum", "mean", "tokens"}
+    id: str = ""
+
+
+@dataclass
+class UnpairedExample:
+    prompt: list[int]
+    completion: list[int]
+    pixel_values: torch.Tensor
+    desirable: bool
+    room: int  # the longest response this prompt leaves under max_length (a borrowed completion is cut to it)
     id: str = ""
 
 
@@ -160,6 +175,18 @@ def collate_pairs(examples: list[PairExample], pad_id: int, layout: str = "packe
     return batch
 
 
+def collate_unpaired(examples: list[UnpairedExample], pad_id: int, layout: str = "packed",
+                     padding_side: str = "right") -> dict[str, Any]:
+    """KTO's batch: a ``pairs`` batch of [own completion, previous example's completion] per prompt, plus
+    ``desirable`` (batch,) bool. With a batch of one the mismatched completion is its own (no KL signal)."""
+    n = len(examples)
+    pairs = [PairExample(e.prompt, [e.completion, examples[(i - 1) % n].completion[:e.room]], e.pixel_values,
+                         id=e.id) for i, e in enumerate(examples)]
+    batch = collate_pairs(pairs, pad_id, layout=layout, padding_side=padding_side)
+    batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    return batch
+
+
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """Boolean (batch, 1, L, L) mask for packed ``[prompt | r_0 | r_1 | ...]`` sequences; True = may attend.
 
@@ -182,4 +209,21 @@ def collate_prompts(examples: list[PromptExample], pad_id: int) -> dict[str, Any
         "attention_mask": _pad([[1] * len(e.prompt) for e in examples], 0, "left"),
         "pixel_values": _images(examples),
         "records": [e.record for e in examples],
+        "ids": [e.record.get("id", "") for e in examples],
     }
+
+
+def batch_counts(batch: dict) -> tuple[int, int, list[int]]:
+    """(examples, non-pad tokens, tokens per row) of a batch of any format; a pair or ranked list is one example."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return len(batch.get("ids", ())), 0, []
+    if mask.dim() != 2:
+        mask = batch["segment_ids"] >= 0
+    lengths = mask.sum(-1).tolist()
+    return len(batch.get("ids", lengths)), int(sum(lengths)), lengths
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with its tensors on ``device`` (lists and flags untouched)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

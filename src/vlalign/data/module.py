@@ -1,7 +1,7 @@
 """``ShardDataModule``: WebDataset shards -> batches for whichever LightningModule is training.
 
-The LightningModule says which batches it needs (``batch_spec()``: ``{"format": "sft" | "pairs" | "prompts",
-...}``) and owns the backbone whose processor encodes them, so one DataModule config serves SFT, the reward
+The LightningModule says which batches it needs (``batch_spec()``: ``{"format": "sft" | "pairs" | "unpaired" |
+"prompts", ...}``) and owns the backbone whose processor encodes them, so one DataModule config serves SFT, the reward
 model, DPO and PPO. ``train`` / ``val`` default to the embedded shapes world, which ``prepare_data`` generates
 under ``shapes_dir`` when it is missing; point them at your own shards (paths, globs, brace patterns or
 directories) to train on real data.
@@ -17,7 +17,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from .chat import Encoder
-from .collate import collate_pairs, collate_prompts, collate_sft
+from .collate import collate_pairs, collate_prompts, collate_sft, collate_unpaired
 from .pipeline import Encode, ShardStream
 from .shards import expand_urls
 
@@ -25,6 +25,7 @@ from .shards import expand_urls
 SHAPES_SPLITS = {
     "sft": ("sft/train-*.tar", "sft/val-*.tar"),
     "pairs": ("preference/train-*.tar", "preference/val-*.tar"),
+    "unpaired": ("preference/train-*.tar", "preference/val-*.tar"),  # each pair gives a desirable + an undesirable
     "prompts": ("prompts/train-*.tar", "prompts/test-*.tar"),
 }
 
@@ -135,6 +136,9 @@ class ShardDataModule(L.LightningDataModule):
             return partial(collate_sft, pad_id=pad)
         if fmt == "pairs":
             return partial(collate_pairs, pad_id=pad, layout=self._spec.get("layout", "packed"),
+                           padding_side=self.padding_side)
+        if fmt == "unpaired":
+            return partial(collate_unpaired, pad_id=pad, layout=self._spec.get("layout", "packed"),
                            padding_side=self.padding_side)
         if fmt == "prompts":
             return partial(collate_prompts, pad_id=pad)

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .chat import Encoder, TokenizeError, truncate
-from .collate import PairExample, PromptExample, SFTExample
-from .schema import PreferenceRecord, PromptRecord, RecordError, SFTRecord, with_images
+from .collate import PairExample, PromptExample, SFTExample, UnpairedExample
+from .schema import PreferenceRecord, PromptRecord, RecordError, SFTRecord, UnpairedRecord, with_images
 from .shards import SampleError, decode_sample
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Encode:
     Args:
         encoder: the chat-template encoder of the backbone.
         image_processor: the backbone's image processor (PIL images -> pixel tensors).
-        format: ``"sft"``, ``"pairs"`` or ``"prompts"``.
+        format: ``"sft"``, ``"pairs"``, ``"unpaired"`` or ``"prompts"``.
         max_length: longest sequence in tokens (image tokens included); never cut inside an image.
         num_responses: responses per pair example (2: chosen and rejected; k > 2: the first k ranked candidates).
         prompt_suffix: text appended to the last user turn of every prompt (e.g. SteerLM's attribute request).
@@ -72,6 +72,7 @@ class Encode:
         return turns
 
     def __call__(self, record, images) -> Any:
+        """The encoded example (or, for ``unpaired`` from a preference record, a list of two)."""
         try:
             return getattr(self, "_" + self.format)(record, images)
         except (RecordError, TokenizeError) as e:
@@ -84,6 +85,8 @@ class Encode:
             conv = self._prompt(record.prompt, len(images)) + [{"role": "assistant", "content": record.chosen}]
         elif isinstance(record, PromptRecord) and record.answer:
             conv = self._prompt(record.prompt, len(images)) + [{"role": "assistant", "content": record.answer}]
+        elif isinstance(record, UnpairedRecord) and record.label:
+            conv = self._prompt(record.prompt, len(images)) + [{"role": "assistant", "content": record.completion}]
         else:
             raise SampleError("wrong_kind", f"a {record.kind} record without an answer cannot train SFT")
         ids, labels = self.encoder.conversation(conv)
@@ -127,8 +130,24 @@ class Encode:
             ref = [{"sum": r.sum, "mean": r.mean, "tokens": r.tokens} for r in refs]
         return PairExample(prompt, responses, self.pixels(images), ref, record.id)
 
+    def _unpaired(self, record, images):
+        if isinstance(record, UnpairedRecord):
+            labelled = [(record.completion, record.label)]
+        elif isinstance(record, PreferenceRecord):
+            labelled = [(record.chosen, True), (record.rejected, False)]
+        else:
+            raise SampleError("wrong_kind", f"a {record.kind} record has no response to mark desirable or not")
+        turns = self._prompt(record.prompt, len(images))
+        prompt = self.encoder.prompt(turns)
+        room = self.max_length - len(prompt)
+        if room < 1:
+            raise SampleError("too_long", f"the prompt alone has {len(prompt)} tokens (max_length {self.max_length})")
+        pixels = self.pixels(images)
+        return [UnpairedExample(prompt, self.encoder.response(turns, text)[:room], pixels, label, room, record.id)
+                for text, label in labelled]
+
     def _prompts(self, record, images):
-        if isinstance(record, (PromptRecord, PreferenceRecord)):
+        if isinstance(record, (PromptRecord, PreferenceRecord, UnpairedRecord)):
             turns = record.prompt
         else:  # an SFT conversation up to its first answer
             turns = record.conversation[:next(i for i, t in enumerate(record.conversation) if t["role"] == "assistant")]
@@ -254,7 +273,7 @@ class ShardStream(IterableDataset):
             for raw in samples():
                 try:
                     record, images = decode_sample(raw)
-                    example = self.encode(record, images)
+                    encoded = self.encode(record, images)
                 except SampleError as e:
                     if self.on_error == "raise":
                         raise
@@ -264,15 +283,16 @@ class ShardStream(IterableDataset):
                         log.warning("skipping sample (%s): %s%s", e.reason, "" if where in str(e) else where + ": ", e)
                         logged += 1
                     continue
-                if not (self.shuffle and self.shuffle_buffer > 1):
-                    yield example
-                    continue
-                buffer.append(example)
-                if len(buffer) < self.shuffle_buffer:
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
+                for example in encoded if isinstance(encoded, list) else [encoded]:
+                    if not (self.shuffle and self.shuffle_buffer > 1):
+                        yield example
+                        continue
+                    buffer.append(example)
+                    if len(buffer) < self.shuffle_buffer:
+                        continue
+                    j = rng.randrange(len(buffer))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
             rng.shuffle(buffer)
             yield from buffer
 

@@ -34,6 +34,11 @@ kind = "preference"  (DPO, reward model)
                    "tokens": 11}, "rejected": {...}, "candidates": [{...}, ...]}
     }
 
+kind = "unpaired"  (KTO: one response to a prompt, marked desirable or undesirable; TRL's unpaired layout)
+    {"kind": "unpaired", "id": "...", "prompt": "<image>\\nDescribe the image.",   # or a list of turns
+     "completion": "A red circle.", "label": true}      # true: desirable, false: undesirable
+    KTO also reads ``preference`` records, as two unpaired examples (chosen desirable, rejected undesirable).
+
 kind = "prompt"  (PPO rollouts, generation, evaluation)
     {"kind": "prompt", "id": "...", "prompt": "<image>\\nDescribe the image.",
      "answer": "optional reference answer", "objects": ["optional", "ground-truth", "objects"]}
@@ -155,7 +160,21 @@ class PromptRecord:
         return d
 
 
-Record = Union[SFTRecord, PreferenceRecord, PromptRecord]
+@dataclass
+class UnpairedRecord:
+    id: str
+    prompt: list[Message]
+    completion: str
+    label: bool
+    meta: dict = field(default_factory=dict)
+    kind: str = "unpaired"
+
+    def to_json(self) -> dict:
+        return {"kind": "unpaired", "id": self.id, "prompt": self.prompt, "completion": self.completion,
+                "label": self.label, "meta": self.meta}
+
+
+Record = Union[SFTRecord, PreferenceRecord, UnpairedRecord, PromptRecord]
 
 
 def parse_record(obj: Any) -> Record:
@@ -203,6 +222,13 @@ def parse_record(obj: Any) -> Record:
                                         for i, c in enumerate(ref["candidates"])]
             ref = parsed
         return PreferenceRecord(rid, prompt, chosen, rejected, cands, scores, ref, meta)
+    if kind == "unpaired":
+        prompt = _check_messages(obj.get("prompt"), "prompt", "user")
+        completion = _check_text(obj.get("completion"), "completion")
+        label = obj.get("label")
+        if not isinstance(label, bool):
+            raise RecordError(f"'label' must be true (desirable) or false (undesirable), got {label!r:.40}")
+        return UnpairedRecord(rid, prompt, completion, label, meta)
     if kind == "prompt":
         prompt = _check_messages(obj.get("prompt"), "prompt", "user")
         answer = obj.get("answer")
@@ -212,7 +238,7 @@ def parse_record(obj: Any) -> Record:
         if objects is not None and (not isinstance(objects, list) or not all(isinstance(o, str) for o in objects)):
             raise RecordError("'objects' must be a list of strings")
         return PromptRecord(rid, prompt, answer, objects, meta)
-    raise RecordError(f"'kind' must be one of 'sft', 'preference', 'prompt', got {kind!r}")
+    raise RecordError(f"'kind' must be one of 'sft', 'preference', 'unpaired', 'prompt', got {kind!r}")
 
 
 def loads_record(data: bytes | str) -> Record:
