@@ -34,6 +34,11 @@ def test_config_parses(path, capsys):
     cfg = yaml.safe_load(out)
     assert cfg["model"]["class_path"].startswith("vlalign.")
     assert {"trainer", "model", "data"} <= set(cfg)
+    args = cfg["model"]["init_args"]
+    if "loss_params" in args:  # a preference loss: its names and parameters exist (the table is the only list)
+        from vlalign.losses import Objective
+
+        Objective.parse(args["loss"], args["loss_params"])
 
 
 def test_print_config_is_complete():

@@ -7,11 +7,12 @@ reference models from ``checkpoint["state_dict"]``. Modules that use it set ``st
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional
 
 import lightning as L
+
+from .zero import gathered
 
 
 def keep_trainable(module: L.LightningModule, checkpoint: dict):
@@ -35,12 +36,7 @@ def export_backbone(module: L.LightningModule, export_dir: Optional[str]):
     if not export_dir:
         return
     bb = module.backbone
-    gather = contextlib.nullcontext()
-    if getattr(module.trainer.strategy, "zero_stage_3", False):
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(bb.parameters()), modifier_rank=None)
-    with gather:
+    with gathered(bb.parameters(), modify=False):
         if module.trainer.global_rank == 0:
             bb.export_merged(os.path.join(export_dir, "merged"))
             if bb.has_adapter:

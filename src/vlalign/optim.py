@@ -22,7 +22,8 @@ class OptimConfig:
         lr: learning rate of the language model (its LoRA weights, or all its weights without LoRA).
         projector_lr: learning rate of the multimodal projector (default: ``lr``).
         vision_lr: learning rate of the vision tower when it trains (default: ``lr``).
-        head_lr: learning rate of an algorithm's own heads (reward/value head; default: ``lr``).
+        head_lr: learning rate of an algorithm's own parts (the reward model's value head; PPO's critic, its LoRA or
+            language model and value head; default: ``lr``).
         weight_decay: decoupled weight decay (not applied to biases and norms).
         betas: Adam betas.
         eps: Adam epsilon.

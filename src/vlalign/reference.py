@@ -32,7 +32,7 @@ MODES = ("adapter", "copy", "precomputed", "none")
 
 
 class Reference(nn.Module):
-    """pi_ref (see the module docstring). Always in eval mode and never trained.
+    """pi_ref (see the module docstring). Its model, when it has one, stays in eval mode and never trains.
 
     Args:
         mode: ``adapter``, ``copy``, ``precomputed`` or ``none``.
@@ -57,10 +57,13 @@ class Reference(nn.Module):
         if self.backbone is not None:
             self.backbone.build(deepspeed_config)
             self.backbone.requires_grad_(False)
-        self.train(False)
+            self.backbone.eval()
 
     def train(self, mode: bool = True):
-        return super().train(False)  # no dropout in the reference, whatever the policy does
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()  # no dropout in the reference, whatever the policy does
+        return self
 
     @torch.no_grad()
     def logps(self, policy: Backbone, batch: dict, image_features: Optional[torch.Tensor] = None,
