@@ -112,5 +112,5 @@ def test_corrupt_image_and_broken_json_name_shard_and_key(tmp_path, tiny_process
     dm.attach(tiny_processor_backbone, {"format": "sft"})
     batches = list(dm.train_dataloader())
     assert [i for b in batches for i in b["ids"]] == ["s1"]
-    assert batches[-1]["skipped"] == {"bad_image": 1, "bad_record": 1}
+    assert batches[-1]["skipped"] == {"bad_image": 1, "bad_json": 1}
     assert "key badjson" in caplog.text and "broken JSON" in caplog.text

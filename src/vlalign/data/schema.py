@@ -10,6 +10,8 @@ Only ``json`` and the image extensions in ``IMAGE_EXTENSIONS`` are ever decoded;
 (``.pyd``, ``.pickle``, ...) is ignored unread, so a shard from the internet cannot run code.
 
 Every record has ``"kind"`` and ``"id"``; ``"meta"`` (a free-form object) is carried along untouched.
+The JSON is UTF-8 without lone surrogates, nests at most ``MAX_JSON_DEPTH`` levels and holds only finite numbers
+(no ``NaN`` / ``Infinity``); a preference's chosen and rejected differ (``loads_record`` refuses anything else).
 Text uses the placeholder ``<image>`` where an image goes; a turn or prompt that mentions no ``<image>``
 while the record has images gets them prepended to its first user turn, in order.
 
@@ -50,6 +52,9 @@ The dataclasses below parse and validate records (``parse_record``) and turn the
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -58,8 +63,28 @@ IMAGE_TOKEN = "<image>"
 ROLES = ("system", "user", "assistant")
 
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects and lists a record may have (the schema itself needs 4: record, ``ref_logps``,
+``candidates``, one log-prob; ``meta`` is free-form). Bounds the reader's work on hostile input."""
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 class RecordError(ValueError):
-    """A record that does not follow the schema; the message names the field."""
+    """A record that does not follow the schema; the message names the field.
+
+    ``reason`` is the short tag the data stream counts it under: ``"bad_json"`` (not UTF-8 JSON, lone surrogate,
+    nesting deeper than ``MAX_JSON_DEPTH``), ``"non_finite"`` (NaN, Infinity, a number that overflows a float),
+    ``"identical_pair"`` (chosen equal to rejected, or a repeated ranked candidate), ``"image_tokens"`` (``<image>``
+    placeholders that do not match the images) and ``"bad_record"`` (any other schema rule).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_record"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep the reason through pickling (DataLoader workers)
+        return type(self), (str(self), self.reason)
 
 
 Message = dict  # {"role": str, "content": str}
@@ -203,6 +228,12 @@ def parse_record(obj: Any) -> Record:
         chosen = obj.get("chosen", cands[0] if cands else None)
         rejected = obj.get("rejected", cands[-1] if cands else None)
         chosen, rejected = _check_text(chosen, "chosen"), _check_text(rejected, "rejected")
+        if chosen.strip() == rejected.strip():
+            raise RecordError("'chosen' and 'rejected' are the same text: the pair teaches nothing",
+                              "identical_pair")
+        if cands is not None and len({c.strip() for c in cands}) < len(cands):
+            raise RecordError("'candidates' repeats a response: a ranking of identical texts teaches nothing",
+                              "identical_pair")
         scores = obj.get("scores")
         if scores is not None:
             if not isinstance(scores, list) or not all(isinstance(s, dict) for s in scores):
@@ -241,12 +272,70 @@ def parse_record(obj: Any) -> Record:
     raise RecordError(f"'kind' must be one of 'sft', 'preference', 'unpaired', 'prompt', got {kind!r}")
 
 
+def _refuse_constant(name: str):
+    raise RecordError(f"{name} is not a number a record may hold", "non_finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RecordError(f"the number {text[:40]} overflows a float", "non_finite")
+    return value
+
+
+def _finite_int(text: str) -> int:
+    value = int(text)  # over 4300 digits: ValueError (Python's int limit), reported as bad_json
+    if abs(value) > sys.float_info.max:
+        raise RecordError(f"the integer {text[:40]}... overflows a float", "non_finite")
+    return value
+
+
+def check_json_value(obj: Any) -> None:
+    """Refuse what a record's JSON may not hold; raises ``RecordError``.
+
+    Nesting deeper than ``MAX_JSON_DEPTH``, strings (keys too) with a lone UTF-16 surrogate (which
+    ``"\\ud800"`` escapes produce and UTF-8 cannot encode), and non-finite floats (NaN, +-inf). Walks with an
+    explicit stack: no recursion limit to hit on deep input.
+    """
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise RecordError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "bad_json")
+            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+            for k, v in items:
+                if isinstance(k, str) and _SURROGATES.search(k):
+                    raise RecordError(f"the key {k!r:.60} holds a lone UTF-16 surrogate", "bad_json")
+                stack.append((v, depth + 1))
+        elif isinstance(value, str):
+            if _SURROGATES.search(value):
+                raise RecordError(f"the text {value!r:.60} holds a lone UTF-16 surrogate", "bad_json")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RecordError(f"the number {value} is not finite", "non_finite")
+
+
 def loads_record(data: bytes | str) -> Record:
-    """Parse a record from the bytes of a ``KEY.json`` member."""
+    """Parse and validate a record from the bytes of a ``KEY.json`` member; raises ``RecordError``.
+
+    The bytes must be UTF-8 (no BOM, no encoded surrogates), the JSON within ``MAX_JSON_DEPTH`` levels, without
+    lone surrogates (also from ``\\ud800`` escapes), and its numbers finite: ``NaN`` / ``Infinity`` and numbers that
+    overflow a float (``1e999``) are refused rather than read as NaN / inf.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"not UTF-8 text: {e}", "bad_json") from e
     try:
-        obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RecordError(f"broken JSON: {e}") from e
+        obj = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_finite_int)
+    except RecursionError as e:  # json's C parser gives up at ~1000 levels: far past MAX_JSON_DEPTH anyway
+        raise RecordError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "bad_json") from e
+    except ValueError as e:  # JSONDecodeError, and int() past Python's digit limit
+        if isinstance(e, RecordError):
+            raise
+        raise RecordError(f"broken JSON: {e}", "bad_json") from e
+    check_json_value(obj)
     return parse_record(obj)
 
 
@@ -265,4 +354,4 @@ def with_images(turns: list[Message], n_images: int) -> list[Message]:
             if t["role"] == "user":
                 t["content"] = (IMAGE_TOKEN + "\n") * n_images + t["content"]
                 return out
-    raise RecordError(f"the text has {count} '{IMAGE_TOKEN}' placeholders for {n_images} images")
+    raise RecordError(f"the text has {count} '{IMAGE_TOKEN}' placeholders for {n_images} images", "image_tokens")
