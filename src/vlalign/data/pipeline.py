@@ -1,15 +1,44 @@
-"""Streaming shards into batches: split by node and worker, shuffle, decode safely, encode, batch, count skips.
+"""Streaming shards into batches: plain stages, exact skip counts, a position that resumes exactly.
 
-``ShardStream`` is an ``IterableDataset`` that runs inside each DataLoader worker:
+``ShardStream`` is an ``IterableDataset``. Each reader (one per rank and DataLoader worker; the main process when
+``num_workers=0``) runs the same chain of small generators over its share of the shards:
 
-    shard list --(seeded shuffle per epoch)--> this rank's shards --> this worker's shards
-      --> webdataset tar reading --> decode_sample (allow-listed extensions only)
-      --> Encode (chat template, masking, truncation) --> shuffle buffer --> collate --> batch
+    read      ``iter_shard(url)`` over this reader's shards         -> raw sample | SampleError
+    decode    ``decode_sample(raw, max_pixels)`` (allow-listed)      -> (where, record, images) | SampleError
+    encode    ``Encode`` (chat template, masking, truncation)        -> example(s) | SampleError
+    check     ``on_error``: ``raise`` the error, or log the first of each reason and pass it on to be counted
+    shuffle   a seeded buffer of examples (errors pass straight through, so they are counted when read)
+    limit     ``epoch_samples``: this reader's quota of examples per epoch
+    batch     examples -> batches; errors counted per reason between batches
 
-Each batch carries ``stream`` (worker, index within the worker's stream, epoch) and ``skipped`` (reason -> count
-since the previous batch of that worker; samples skipped after a worker's last batch are logged but not counted), so the DataModule can count skipped samples and remember how far each
-worker's stream has been consumed: the stream is a deterministic function of (seed, epoch, rank, worker), so
-skipping the first n batches of each worker on resume restores the position.
+Every failure is caught in the stage where it happens and travels on as a ``SampleError`` (reason, shard, key);
+nothing but ``check`` decides what happens to it. A reader's shards: the shard list, shuffled per epoch with
+``seed``, dealt round-robin to the ``world_size * num_workers`` readers; with fewer shards than readers every
+reader reads every shard and keeps every ``readers``-th item (samples and errors alike), so each sample and each
+error belongs to exactly one reader.
+
+**Items.** The stream yields dicts. Each carries ``stream`` = ``{"split", "rank", "worker", "epoch", "end",
+"final"}`` (``end``: examples this reader has produced up to and including this item; ``final``: the reader's last
+item of the epoch) and ``skipped`` = ``{reason: count}`` of the errors read since the reader's previous item. A
+batch item also holds the collated batch. The last batch is held back until the reader ends, so that errors read
+after it are counted with it; a reader that produces no batch at all but has errors yields one *accounting* item
+(``stream`` and ``skipped`` only, ``is_accounting``) that the DataModule's loader consumes and never hands to the
+model. So the sum of ``skipped`` over all items is exactly the errors met, per reason, on every reader.
+
+**Resume.** A reader's stream is a pure function of (shards, seed, epoch, rank, worker, layout): its position is
+the number of examples the main process has consumed from it (and whether its final item was consumed). On
+resume each reader regenerates its stream, drops that many examples uncounted (and the errors read before the
+last of them), and continues; batch boundaries restart there, so a changed ``batch_size`` still continues with
+the next unseen example. The DataLoader hands out its workers' items round-robin, worker 0 first, dropping a
+worker from the cycle once it has ended. To continue that cycle where it stopped, a resumed loader *rotates* the
+readers' roles: loader worker ``i`` plays reader ``(i + phase) % num_workers``, with ``phase`` the reader after the
+one whose batch was consumed last. The merged order after a resume is then the uninterrupted one, for any number
+of workers. (Accounting items never set the phase: each is its reader's last item, and a reader that has ended is
+dropped from the cycle either way.) This was chosen over making the order independent of ``num_workers``
+(virtual reader slots): it needs no change to how workers split the shards. The cost: a resumed reader re-reads and re-encodes the consumed
+part of its epoch (not collated), in its worker, in parallel with the other workers.
+
+Epochs reshuffle: the shard order and every reader's shuffle buffer are seeded by (``seed``, epoch, reader).
 """
 
 from __future__ import annotations
@@ -19,7 +48,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -27,11 +56,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .chat import Encoder, TokenizeError, truncate
 from .collate import PairExample, PromptExample, SFTExample, UnpairedExample
 from .schema import PreferenceRecord, PromptRecord, RecordError, SFTRecord, UnpairedRecord, with_images
-from .shards import SampleError, decode_sample
+from .shards import DEFAULT_MAX_PIXELS, SampleError, decode_sample, iter_shard
 
 log = logging.getLogger(__name__)
-
-SkipReason = str
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -161,12 +188,163 @@ class Encode:
         return PromptExample(prompt, self.pixels(images), meta)
 
 
-class _NoWorker:
-    id = 0
+
+# ----------------------------------------------------------------------------------------------------- the stages
+# Each stage takes an iterator of items and passes every ``SampleError`` through unchanged (after filling its
+# shard and key), so errors keep their place in read order.
+
+Where = tuple[str, str]  # (shard, key)
+
+
+def read(urls: Iterable[str], stride: int = 1, offset: int = 0) -> Iterator[Union[dict, SampleError]]:
+    """Raw samples and read errors of ``urls`` in order; with ``stride > 1`` only items ``offset``,
+    ``offset + stride``, ... (a disjoint share of shards that several readers read)."""
+    n = 0
+    for url in urls:
+        for item in iter_shard(url):
+            n += 1
+            if (n - 1) % stride != offset:
+                continue
+            yield item.at(url, None) if isinstance(item, SampleError) else item
+
+
+def decode(items: Iterable, max_pixels: int) -> Iterator[Union[tuple[Where, Any, list], SampleError]]:
+    """Raw samples -> ``((shard, key), record, images)``; a sample that does not decode -> its ``SampleError``."""
+    for raw in items:
+        if isinstance(raw, SampleError):
+            yield raw
+            continue
+        where = (raw.get("__url__"), raw.get("__key__"))
+        try:
+            record, images = decode_sample(raw, max_pixels=max_pixels)
+        except SampleError as e:
+            yield e.at(*where)
+            continue
+        yield where, record, images
+
+
+def encode(items: Iterable, fn: Callable) -> Iterator[Any]:
+    """Decoded samples -> encoded examples (``fn`` may return a list: one record, several examples)."""
+    for item in items:
+        if isinstance(item, SampleError):
+            yield item
+            continue
+        where, record, images = item
+        try:
+            out = fn(record, images)
+        except SampleError as e:
+            yield e.at(*where)
+            continue
+        yield from out if isinstance(out, list) else [out]
+
+
+def check(items: Iterable, on_error: str) -> Iterator[Any]:
+    """``on_error="raise"``: raise the first error (its message names shard, key and reason). ``"skip"``: log the
+    first error of each reason (later ones are only counted) and pass every error on to be counted."""
+    logged: set[str] = set()
+    for item in items:
+        if isinstance(item, SampleError):
+            if on_error == "raise":
+                raise item
+            if item.reason not in logged:
+                logged.add(item.reason)
+                log.warning("skipping a sample (%s): %s (further '%s' skips on this reader are counted, not logged)",
+                            item.reason, item, item.reason)
+        yield item
+
+
+def shuffle(items: Iterable, rng: random.Random, size: int) -> Iterator[Any]:
+    """A shuffle buffer of ``size`` examples (``size <= 1``: order kept); errors are not held back."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if isinstance(item, SampleError):
+            yield item
+            continue
+        buffer.append(item)
+        if len(buffer) < size:
+            continue
+        j = rng.randrange(len(buffer))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def limit(items: Iterable, quota: Optional[int]) -> Iterator[Any]:
+    """Stop after ``quota`` examples (``None``: no limit); errors read before the last of them pass."""
+    if quota is None:
+        yield from items
+        return
+    n = 0
+    for item in items if quota > 0 else ():
+        yield item
+        if not isinstance(item, SampleError):
+            n += 1
+            if n >= quota:
+                return
+
+
+def batch(items: Iterable, size: int, drop_last: bool = False, start: int = 0
+          ) -> Iterator[tuple[Optional[list], Counter, int, bool]]:
+    """Examples and errors -> ``(examples | None, skipped, end, final)``.
+
+    ``skipped`` counts the errors (per reason) read since the previous batch; ``end`` is the number of examples
+    produced so far; ``final`` marks the last item. The last batch is held back until the input ends so that
+    errors after it are counted with it; without any batch, remaining errors come as ``(None, skipped, end, True)``.
+    ``start``: examples consumed before a resume; they and the errors read before the last of them are dropped.
+    """
+    skipped: Counter = Counter()
+    group: list = []
+    held = None
+    n = 0
+    for item in items:
+        if isinstance(item, SampleError):
+            skipped[item.reason] += 1
+            continue
+        n += 1
+        if n <= start:
+            if n == start:
+                skipped = Counter()
+            continue
+        group.append(item)
+        if len(group) == size:
+            if held is not None:
+                yield held
+            held, group, skipped = (group, skipped, n, False), [], Counter()
+    if group and not drop_last:
+        if held is not None:
+            yield held
+        held, skipped = (group, skipped, n, False), Counter()
+    if held is not None:
+        examples, counts, end, _ = held
+        yield examples, counts + skipped, end, True
+    elif skipped:
+        yield None, skipped, n, True
+
+
+def passes(make: Callable[[int], Iterator], repeat: bool) -> Iterator[Any]:
+    """``make(0)``, then (``repeat``) ``make(1)``, ... until a pass yields no example (nothing left to cycle)."""
+    cycle = 0
+    while True:
+        good = 0
+        for item in make(cycle):
+            good += not isinstance(item, SampleError)
+            yield item
+        cycle += 1
+        if not repeat or good == 0:
+            return
+
+
+def is_accounting(item: dict) -> bool:
+    """An item that only reports skips (a reader without batches): count it, never train on it."""
+    return set(item) <= {"stream", "skipped"}
 
 
 class ShardStream(IterableDataset):
-    """Batches from WebDataset shards (see the module docstring).
+    """Batches from shards (see the module docstring for the stages, the items and how a position resumes).
 
     Args:
         urls: shard paths (already expanded).
@@ -176,137 +354,80 @@ class ShardStream(IterableDataset):
         shuffle: shuffle shards (per epoch) and samples (through the buffer).
         shuffle_buffer: samples held for shuffling.
         seed: base seed; the stream is a function of (seed, epoch, rank, worker).
-        on_error: ``"skip"`` counts and skips bad samples (the first few are logged with shard and key);
-            ``"raise"`` stops at the first one.
+        on_error: ``"skip"`` counts and skips bad samples (the first of each reason is logged with shard and
+            key); ``"raise"`` stops at the first one.
         epoch_samples: if set, each rank yields exactly ``epoch_samples / world_size`` samples per epoch,
             cycling over its shards (equal lengths on every rank: no hang at the end of an epoch under DDP or
             DeepSpeed); ``None`` reads each shard once per epoch.
         drop_last: drop a final partial batch.
+        max_pixels: largest image (width x height) decoded; larger ones are skipped before decoding.
+        split: ``"train"`` or ``"val"``, carried by every item so the consumer knows whose skips they are.
+
+    Set by the loader before each pass (then copied into the workers): ``epoch``; for the first pass after a
+    resume also ``resume`` (reader -> ``{"examples", "done"}``), ``resume_epoch`` and ``phase``.
     """
 
     def __init__(self, urls: list[str], encode: Callable, collate: Callable, batch_size: int, shuffle: bool = True,
                  shuffle_buffer: int = 1000, seed: int = 0, on_error: str = "skip",
-                 epoch_samples: Optional[int] = None, drop_last: bool = False):
+                 epoch_samples: Optional[int] = None, drop_last: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, split: str = "train"):
         super().__init__()
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if not urls:
             raise ValueError("no shards to read")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.urls, self.encode, self.collate = list(urls), encode, collate
         self.batch_size, self.shuffle, self.shuffle_buffer = batch_size, shuffle, shuffle_buffer
         self.seed, self.on_error, self.epoch_samples, self.drop_last = seed, on_error, epoch_samples, drop_last
+        self.max_pixels, self.split = max_pixels, split
         self.epoch = 0
-        self.resume_from: dict[int, int] = {}  # worker -> batches to skip (set by the DataModule on restore)
-        self.resume_epoch = 0  # the epoch those positions belong to
+        self.resume: dict[int, dict] = {}
+        self.resume_epoch = 0
+        self.phase = 0
 
-    def _shards(self, epoch, rank, world, worker, workers) -> list[str]:
+    def _share(self, epoch: int, slot: int, slots: int) -> tuple[list[str], int, int]:
+        """(shards, stride, offset) of reader ``slot`` of ``slots``."""
         urls = list(self.urls)
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)
-        slots = world * workers
-        if len(urls) < slots and self.epoch_samples is None:
-            # fewer shards than readers: every reader gets a disjoint slice of each shard instead
-            return urls
-        return urls[rank * workers + worker::slots] if len(urls) >= slots else urls
-
-    def _raw(self, urls, stride: int, offset: int) -> Iterator[dict]:
-        import webdataset as wds
-
-        n = 0
-        for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(({"url": u} for u in urls)):
-            if stride > 1:  # disjoint slice of a shared shard
-                n += 1
-                if (n - 1) % stride != offset:
-                    continue
-            yield sample
+            random.Random(f"shards/{self.seed}/{epoch}").shuffle(urls)
+        if len(urls) < slots:  # fewer shards than readers: all read everything, each keeps its share
+            return urls, slots, slot
+        return urls[slot::slots], 1, 0
 
     def __iter__(self) -> Iterator[dict]:
-        # read the epoch and resume position now: the generator body runs later, after the loader reset them
-        skip = self.resume_from.get((get_worker_info() or _NoWorker).id, 0) if self.epoch == self.resume_epoch else 0
-        return self._iterate(self.epoch, skip)
-
-    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[dict]:
+        # decide the reader's role and position now: the generator body runs later, after the loader reset them
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        resuming = self.epoch == self.resume_epoch
+        worker = (loader_worker + (self.phase if resuming else 0)) % workers
+        position = self.resume.get(worker) if resuming else None
+        return self._iterate(self.epoch, worker, workers, position)
+
+    def _iterate(self, epoch: int, worker: int, workers: int, position: Optional[dict]) -> Iterator[dict]:
+        if position and position.get("done"):
+            return
         rank, world = rank_and_world()
         slot, slots = rank * workers + worker, world * workers
-        urls = self._shards(epoch, rank, world, worker, workers)
-        shared = len(self.urls) < slots
-        stride, offset = (slots, slot) if shared else (1, 0)
-        rng = random.Random(hash((self.seed, epoch, rank, worker)) & 0xFFFFFFFF)
+        urls, stride, offset = self._share(epoch, slot, slots)
+        rng = random.Random(f"samples/{self.seed}/{epoch}/{slot}")
         quota = None if self.epoch_samples is None else self.epoch_samples // slots
 
-        def samples():
-            produced, cycle = 0, 0
-            while True:
-                order = list(urls)
-                if cycle and self.shuffle:
-                    rng.shuffle(order)
-                for raw in self._raw(order, stride, offset):
-                    yield raw
-                    produced += 1
-                cycle += 1
-                if quota is None or produced == 0:
-                    return
+        def one_pass(cycle: int) -> Iterator:
+            order = list(urls)
+            if cycle and self.shuffle:
+                rng.shuffle(order)
+            return encode(decode(read(order, stride, offset), self.max_pixels), self.encode)
 
-        skipped: Counter = Counter()
-        logged = 0
-        buffer: list = []
-        batch: list = []
-        index, yielded = 0, 0
-
-        def emit(examples):
-            nonlocal index, skipped
-            i = index
-            index += 1
-            if i < skip_batches:
-                skipped = Counter()
-                return None
-            out = self.collate(examples)
-            out["stream"] = {"worker": worker, "index": i, "epoch": epoch, "rank": rank}
-            out["skipped"], skipped = dict(skipped), Counter()
-            return out
-
-        def examples():
-            """Encoded examples in stream order, passed through the shuffle buffer; bad samples are counted."""
-            nonlocal logged
-            for raw in samples():
-                try:
-                    record, images = decode_sample(raw)
-                    encoded = self.encode(record, images)
-                except SampleError as e:
-                    if self.on_error == "raise":
-                        raise
-                    where = f"shard {raw.get('__url__')} key {raw.get('__key__')}"
-                    skipped[e.reason] += 1
-                    if logged < 5:
-                        log.warning("skipping sample (%s): %s%s", e.reason, "" if where in str(e) else where + ": ", e)
-                        logged += 1
-                    continue
-                for example in encoded if isinstance(encoded, list) else [encoded]:
-                    if not (self.shuffle and self.shuffle_buffer > 1):
-                        yield example
-                        continue
-                    buffer.append(example)
-                    if len(buffer) < self.shuffle_buffer:
-                        continue
-                    j = rng.randrange(len(buffer))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    yield buffer.pop()
-            rng.shuffle(buffer)
-            yield from buffer
-
-        for example in examples():
-            batch.append(example)
-            yielded += 1
-            if len(batch) == self.batch_size:
-                out = emit(batch)
-                batch = []
-                if out is not None:
-                    yield out
-            if quota is not None and yielded >= quota:
-                break
-        if batch and not self.drop_last:
-            out = emit(batch)
-            if out is not None:
-                yield out
+        items = check(passes(one_pass, repeat=quota is not None), self.on_error)
+        if self.shuffle:
+            items = shuffle(items, rng, self.shuffle_buffer)
+        items = limit(items, quota)
+        meta = {"split": self.split, "rank": rank, "worker": worker, "epoch": epoch}
+        start = position["examples"] if position else 0
+        for examples, skipped, end, final in batch(items, self.batch_size, self.drop_last, start):
+            out = self.collate(examples) if examples else {}
+            out["stream"] = {**meta, "end": end, "final": final}
+            out["skipped"] = dict(skipped)
+            yield out
