@@ -34,7 +34,7 @@ def test_sft_then_dpo_kto_reward_and_ppo_through_the_cli(tmp_path):
          "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "5",
          "--trainer.default_root_dir", str(runs / "sft"), "--trainer.logger.init_args.save_dir", str(runs),
          "--model.init_args.export_dir", str(runs / "sft" / "export"))
-    logdir = glob.glob(str(runs / "sft" / "version_*"))[0]
+    logdir = str(runs / "sft")  # the stable run directory (logger version "")
     assert glob.glob(os.path.join(logdir, "events.out.tfevents*"))
     assert os.path.exists(os.path.join(logdir, "config.yaml")) and os.path.exists(os.path.join(logdir, "hparams.yaml"))
     losses = _scalars(logdir, "train/loss")
@@ -49,7 +49,7 @@ def test_sft_then_dpo_kto_reward_and_ppo_through_the_cli(tmp_path):
                "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
                "--model.init_args.loss", "{sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}",
                "--model.init_args.export_dir", str(runs / "dpo" / "export"))
-    logdir = glob.glob(str(runs / "dpo" / "version_*"))[0]
+    logdir = str(runs / "dpo")  # the stable run directory (logger version "")
     for tag in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected", "loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "tokens_seen"):
         assert _scalars(logdir, f"train/{tag}"), tag
@@ -61,7 +61,7 @@ def test_sft_then_dpo_kto_reward_and_ppo_through_the_cli(tmp_path):
          "--trainer.default_root_dir", str(runs / "kto"), "--trainer.logger.init_args.save_dir", str(runs),
          "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
          "--model.init_args.export_dir", str(runs / "kto" / "export"))
-    logdir = glob.glob(str(runs / "kto" / "version_*"))[0]
+    logdir = str(runs / "kto")  # the stable run directory (logger version "")
     for tag in ("train/loss", "train/kl", "train/rewards/desirable", "val/loss", "val/rewards/undesirable"):
         assert _scalars(logdir, tag), tag
     assert os.path.exists(runs / "kto" / "export" / "merged" / "model.safetensors")
@@ -71,7 +71,7 @@ def test_sft_then_dpo_kto_reward_and_ppo_through_the_cli(tmp_path):
          "--trainer.default_root_dir", str(runs / "reward"), "--trainer.logger.init_args.save_dir", str(runs),
          "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
          "--model.init_args.export_dir", str(runs / "reward" / "export"))
-    logdir = glob.glob(str(runs / "reward" / "version_*"))[0]
+    logdir = str(runs / "reward")  # the stable run directory (logger version "")
     for tag in ("train/loss", "train/accuracy", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"):
         assert _scalars(logdir, tag), tag
     assert os.path.exists(runs / "reward" / "export" / "value_head.safetensors")
@@ -82,7 +82,7 @@ def test_sft_then_dpo_kto_reward_and_ppo_through_the_cli(tmp_path):
          "--model.init_args.backbone.checkpoint", str(runs / "sft" / "export" / "merged"),
          "--model.init_args.reward_model", str(runs / "reward" / "export"),
          "--model.init_args.export_dir", str(runs / "ppo" / "export"))
-    logdir = glob.glob(str(runs / "ppo" / "version_*"))[0]
+    logdir = str(runs / "ppo")  # the stable run directory (logger version "")
     for tag in ("train/reward_mean", "train/kl", "train/policy_loss", "train/value_loss", "val/reward_mean", "val/kl"):
         assert _scalars(logdir, tag), tag
     assert os.path.exists(runs / "ppo" / "export" / "merged" / "model.safetensors")
