@@ -32,6 +32,7 @@ the DataModule. ``BackboneConfig.frozen_copy()`` is the config of a frozen refer
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,11 @@ from .zero import gathered, inside_zero_init, partitioned, seeded, zero3_loading
 
 LANGUAGE_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = ("sdpa", "eager")
+# The checkpoints ``Backbone`` loads (``LlavaForConditionalGeneration``); the rest of the family has other vision
+# paths (LLaVA-NeXT's any-resolution tiles, ...) that this class would silently mis-load.
+LLAVA_MODEL_TYPES = ("llava",)
+LLAVA_FAMILY = ("llava_next", "llava_next_video", "llava_onevision", "vipllava", "video_llava")
 
 
 @dataclass
@@ -64,6 +70,22 @@ class LoraSpec:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(LANGUAGE_LINEARS))
     layers: Optional[list[int]] = None
+
+    def validate(self, key: str = "lora"):
+        """Raise naming ``key.<field>`` for a value that cannot be right (see ``BackboneConfig.validate``)."""
+        if not (isinstance(self.r, int) and self.r >= 0):
+            raise ValueError(f"{key}.r must be an integer >= 0 (0: no LoRA), got {self.r!r}")
+        if self.r == 0:
+            return
+        if not self.alpha > 0:
+            raise ValueError(f"{key}.alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"{key}.dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in LANGUAGE_LINEARS]
+        if not self.targets or unknown:
+            raise ValueError(f"{key}.targets must be a non-empty list of {LANGUAGE_LINEARS}, got {self.targets!r}")
+        if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            raise ValueError(f"{key}.layers must be null or decoder layer indices >= 0, got {self.layers!r}")
 
     def target_regex(self) -> str:
         layers = r"\d+" if self.layers is None else "(?:" + "|".join(str(i) for i in self.layers) + ")"
@@ -99,6 +121,23 @@ class TinySpec:
     vocab_size: int = 512
     max_positions: int = 1024
     seed: int = 0
+
+    def validate(self, key: str = "tiny"):
+        """Raise naming ``key.<field>`` for sizes the tiny LLaVA cannot be built with."""
+        for name, value in vars(self).items():
+            if name != "seed" and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{key}.{name} must be an integer > 0, got {value!r}")
+        if self.vision_layers < 2:
+            raise ValueError(f"{key}.vision_layers must be >= 2 (LLaVA reads the second-to-last vision layer), got "
+                             f"{self.vision_layers}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"{key}.image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size})")
+        for hidden, heads in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads"),
+                              ("text_heads", "text_kv_heads")):
+            if getattr(self, hidden) % getattr(self, heads):
+                raise ValueError(f"{key}.{hidden} ({getattr(self, hidden)}) must be a multiple of {heads} "
+                                 f"({getattr(self, heads)})")
 
 
 @dataclass
@@ -144,15 +183,39 @@ class BackboneConfig:
             self.tiny = TinySpec(**self.tiny)
         if isinstance(self.lora, dict):
             self.lora = LoraSpec(**self.lora)
+
+    def validate(self, key: str = "backbone"):
+        """Raise naming ``key.<field>`` (the dotted key as written in the YAML) for a value that cannot be right: names,
+        ranges, and every directory (it exists and holds what it should: a checkpoint's ``config.json`` must be a
+        LLaVA one, see ``check_llava_checkpoint``). Reads a few small JSON files, builds nothing; ``Backbone`` and the
+        modules' ``__init__`` call it, so a wrong config fails before any model is built."""
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"{key}.dtype must be one of {' | '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(f"{key}.attn_implementation must be one of {' | '.join(ATTENTION)}, got "
+                             f"{self.attn_implementation!r}")
         if (self.vision_checkpoint is None) != (self.language_checkpoint is None) and self.checkpoint is None:
-            raise ValueError("composing a LLaVA needs both vision_checkpoint and language_checkpoint")
+            raise ValueError(f"{key}: composing a LLaVA needs both {key}.vision_checkpoint and "
+                             f"{key}.language_checkpoint")
         for name in ("checkpoint", "vision_checkpoint", "language_checkpoint", "adapter"):
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
-                raise FileNotFoundError(f"{name}: {path!r} is not a local directory (models are never downloaded; "
-                                        "on the embedded default, conf/sft.yaml exports one to runs/sft/export/merged)")
+                raise FileNotFoundError(f"{key}.{name}: {path!r} is not a local directory (models are never "
+                                        "downloaded; on the embedded default, conf/sft.yaml exports one to "
+                                        "runs/sft/export/merged)")
+        if self.checkpoint is not None:
+            check_llava_checkpoint(self.checkpoint, f"{key}.checkpoint")
+        elif self.vision_checkpoint is not None:
+            _check_model_type(self.vision_checkpoint, f"{key}.vision_checkpoint", ("clip_vision_model", "clip"),
+                              "a CLIP vision checkpoint")
+            _check_model_type(self.language_checkpoint, f"{key}.language_checkpoint", None,
+                              "a causal language model checkpoint")
+        if self.adapter is not None and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"{key}.adapter: {self.adapter} has no adapter_config.json: not a peft LoRA "
+                                    "adapter (this project's export writes one to <export_dir>/adapter)")
+        self.lora.validate(f"{key}.lora")
+        if self.source == "tiny":
+            self.tiny.validate(f"{key}.tiny")
 
     @property
     def source(self) -> str:
@@ -167,6 +230,54 @@ class BackboneConfig:
         """
         return replace(self, lora=LoraSpec(r=0), train_vision=False, train_projector=False, train_language=False,
                        gradient_checkpointing=False)
+
+
+def _model_type(path: str, key: str) -> Optional[str]:
+    """``model_type`` of ``path/config.json``; raises naming ``key`` when there is no readable config."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"{key}: {path} is a LoRA adapter, not a model: give its base model as the checkpoint "
+                             "and this directory as backbone.adapter")
+        if os.path.isfile(os.path.join(path, "merged", "config.json")):
+            raise ValueError(f"{key}: {path} is an export directory: use {os.path.join(path, 'merged')}")
+        raise FileNotFoundError(f"{key}: {path} has no config.json: not a transformers checkpoint directory")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key}: {cfg} is not readable JSON ({e})") from e
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
+def _check_model_type(path: str, key: str, allowed: Optional[tuple[str, ...]], what: str):
+    model_type = _model_type(path, key)
+    if model_type is None or (allowed is not None and model_type not in allowed):
+        raise ValueError(f"{key}: not {what}: {path} has model_type {model_type!r}"
+                         + (f" (expected {' or '.join(repr(a) for a in allowed)})" if allowed else ""))
+
+
+def check_llava_checkpoint(path: str, key: str = "checkpoint"):
+    """Refuse, naming ``key``, a directory that is not a transformers LLaVA checkpoint (``model_type: llava``).
+
+    A plain language model (``gpt2``, ``llama``) would otherwise load as a default-sized LLaVA with random weights or
+    fail deep in transformers; the original LLaVA repository's layout (``llava_llama``, what the seeds publish)
+    needs converting first.
+    """
+    model_type = _model_type(path, key)
+    if model_type in LLAVA_MODEL_TYPES:
+        return
+    if model_type == "llava_llama" or (model_type or "").startswith("llava_") and model_type not in LLAVA_FAMILY:
+        raise ValueError(
+            f"{key}: {path} is in the original LLaVA repository layout (model_type {model_type!r}, "
+            "LlavaLlamaForCausalLM with mm_projector weights), which transformers does not load: convert it to the "
+            "transformers LLaVA layout first (transformers' models/llava/convert_llava_weights_to_hf.py; merge a "
+            "LoRA adapter and its projector file into the base model before converting); see the README, 'Training "
+            "on a real model and real data'")
+    if model_type in LLAVA_FAMILY:
+        raise ValueError(f"{key}: {path} has model_type {model_type!r}; this project trains "
+                         f"LlavaForConditionalGeneration checkpoints (model_type {' or '.join(LLAVA_MODEL_TYPES)})")
+    raise ValueError(f"{key}: not a LLaVA checkpoint: {path} has model_type {model_type!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,6 +445,7 @@ class Backbone(nn.Module):
 
     def __init__(self, config: BackboneConfig):
         super().__init__()
+        config.validate()
         self.config = config
         self.processor = load_processor(config)
         self.tokenizer = self.processor.tokenizer

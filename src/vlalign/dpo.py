@@ -21,6 +21,7 @@ reused by the reference pass when the vision tower and projector are frozen. ``l
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Optional, Union
 
@@ -30,9 +31,9 @@ from .backbone import BackboneConfig
 from .callbacks import forward_flops
 from .logps import PairLogps, pair_image_features, pair_logps
 from .losses import Objective, dpo_rewards, noisy_rejected_token_logps
-from .module import AlignModule
+from .module import CONFIG_KEY, AlignModule, is_number, require
 from .optim import OptimConfig
-from .reference import Reference
+from .reference import MODES, Reference
 
 
 class DPOModule(AlignModule):
@@ -62,26 +63,33 @@ class DPOModule(AlignModule):
                  loss_params: Optional[dict[str, float]] = None, logp: str = "sum", reference: str = "adapter",
                  reference_backbone: Optional[BackboneConfig] = None, layout: str = "packed",
                  num_responses: int = 2, rejected_scoring: str = "standard", export_dir: Optional[str] = None):
-        super().__init__(backbone, optim, export_dir)
-        self.objective = Objective.parse(loss, loss_params)
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if logp not in ("sum", "mean"):
-            raise ValueError(f"logp must be 'sum' or 'mean', got {logp!r}")
-        if logp == "mean" and "logratios" not in self.objective.inputs:
-            raise ValueError(f"logp 'mean' averages the log-probs of logratios, which {sorted(self.objective.terms)} "
-                             "do not read (they take summed log-probs and lengths): use logp 'sum'")
-        if layout not in ("packed", "plain"):
-            raise ValueError(f"layout must be 'packed' or 'plain', got {layout!r}")
-        if rejected_scoring not in ("standard", "noisy"):
-            raise ValueError(f"rejected_scoring must be 'standard' or 'noisy', got {rejected_scoring!r}")
-        if not self.objective.needs_reference:
+        try:
+            objective = Objective.parse(loss, loss_params)
+        except ValueError as e:
+            raise ValueError(f"{CONFIG_KEY}.loss / loss_params: {e}") from e
+        require(is_number(beta) and 0 < beta < math.inf, "beta", "> 0", beta)
+        require(logp in ("sum", "mean"), "logp", "sum | mean", logp)
+        if logp == "mean" and "logratios" not in objective.inputs:
+            raise ValueError(f"{CONFIG_KEY}.logp 'mean' averages the log-probs of logratios, which "
+                             f"{sorted(objective.terms)} do not read (they take summed log-probs and lengths): use "
+                             "logp 'sum'")
+        require(layout in ("packed", "plain"), "layout", "packed | plain", layout)
+        require(rejected_scoring in ("standard", "noisy"), "rejected_scoring", "standard | noisy", rejected_scoring)
+        require(reference in MODES, "reference", " | ".join(MODES), reference)
+        require(isinstance(num_responses, int) and num_responses >= 2, "num_responses", "an integer >= 2",
+                num_responses)
+        if not objective.needs_reference:
             reference, reference_backbone = "none", None  # reference-free: nothing to build or run
         elif reference == "none":
-            raise ValueError(f"the loss {sorted(self.objective.terms)} needs a reference model; reference 'none' is "
-                             "for reference-free losses (simpo, cpo, orpo, sft)")
+            raise ValueError(f"{CONFIG_KEY}.reference: the loss {sorted(objective.terms)} needs a reference model; "
+                             "reference 'none' is for reference-free losses (simpo, cpo, orpo, sft)")
         if rejected_scoring == "noisy" and (num_responses != 2 or reference == "precomputed"):
-            raise ValueError("noisy rejected scoring needs pairs (num_responses 2) and an online reference")
+            raise ValueError(f"{CONFIG_KEY}.rejected_scoring: noisy rejected scoring needs pairs (num_responses 2) "
+                             "and an online reference")
+        if reference_backbone is not None:
+            reference_backbone.validate(f"{CONFIG_KEY}.reference_backbone")
+        super().__init__(backbone, optim, export_dir)
+        self.objective = objective
         self.beta, self.logp, self.layout = beta, logp, layout
         self.num_responses, self.rejected_scoring = num_responses, rejected_scoring
         self.reference = Reference(reference, backbone, reference_backbone)
@@ -97,7 +105,8 @@ class DPOModule(AlignModule):
         try:
             self.objective(self.beta, **dummy)
         except ValueError as e:
-            raise ValueError(f"the loss {dict(self.objective.terms)} cannot train on num_responses={k}: {e}") from e
+            raise ValueError(f"{CONFIG_KEY}.num_responses: the loss {dict(self.objective.terms)} cannot train on "
+                             f"num_responses={k}: {e}") from e
 
     # ------------------------------------------------------------------------------------------------- setup
     def batch_spec(self) -> dict:

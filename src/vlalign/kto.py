@@ -20,6 +20,7 @@ the image and prompt. Set ``desirable_weight`` / ``undesirable_weight`` so that 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from .backbone import BackboneConfig
 from .logps import pair_image_features, pair_logps
 from .losses import kto_loss, kto_reference_point, masked_mean
-from .module import AlignModule
+from .module import CONFIG_KEY, AlignModule, is_number, require
 from .optim import OptimConfig
 from .reference import Reference
 
@@ -52,14 +53,15 @@ class KTOModule(AlignModule):
                  beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  reference: str = "adapter", reference_backbone: Optional[BackboneConfig] = None,
                  layout: str = "packed", export_dir: Optional[str] = None):
+        require(is_number(beta) and 0 < beta < math.inf, "beta", "> 0", beta)
+        for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+            require(is_number(weight) and 0 <= weight < math.inf, name, ">= 0", weight)
+        require(reference in ("adapter", "copy"), "reference",
+                "adapter | copy (KTO's KL estimate needs a live reference)", reference)
+        require(layout in ("packed", "plain"), "layout", "packed | plain", layout)
+        if reference_backbone is not None:
+            reference_backbone.validate(f"{CONFIG_KEY}.reference_backbone")
         super().__init__(backbone, optim, export_dir)
-        if beta <= 0 or desirable_weight < 0 or undesirable_weight < 0:
-            raise ValueError("beta must be > 0 and the weights >= 0")
-        if reference not in ("adapter", "copy"):
-            raise ValueError(f"KTO's reference must be 'adapter' or 'copy' (its KL estimate needs a live reference), "
-                             f"got {reference!r}")
-        if layout not in ("packed", "plain"):
-            raise ValueError(f"layout must be 'packed' or 'plain', got {layout!r}")
         self.beta, self.layout = beta, layout
         self.weights = (desirable_weight, undesirable_weight)
         self.reference = Reference(reference, backbone, reference_backbone)

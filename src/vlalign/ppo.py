@@ -41,6 +41,7 @@ The step reads top to bottom: ``rollout`` (sample -> score -> log-probs and valu
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -48,13 +49,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backbone import Backbone, BackboneConfig, LoraSpec
+from .backbone import Backbone, BackboneConfig, LoraSpec, check_llava_checkpoint
 from .data.collate import PairExample
 from .generation import Sampling
 from .logps import pair_hidden, pair_image_features, pair_logps
 from .losses import (KL_ESTIMATORS, entropy_from_logits, gae, masked_mean, masked_var, masked_whiten,
                      normalize_score, ppo_policy_loss, ppo_value_loss, token_rewards)
-from .module import AlignModule
+from .module import CONFIG_KEY, AlignModule, is_number, require
 from .optim import OptimConfig
 from .reference import Reference
 from .reward import RewardScorer, load_head, pair_rewards
@@ -98,19 +99,30 @@ class PPOConfig:
     reward_clip: Optional[float] = 10.0
     critic_warmup_steps: int = 0
 
-    def __post_init__(self):
+    def validate(self, key: str = "ppo"):
+        """Raise naming ``key.<field>`` (the dotted YAML key) for a value that cannot be right."""
+        def bad(name, rule):
+            return ValueError(f"{key}.{name} must be {rule}, got {getattr(self, name)!r}")
+
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+            raise bad("kl_estimator", " | ".join(sorted(KL_ESTIMATORS)))
         for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("policy_clip", "value_clip"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.epochs < 1 or self.reward_window < 1 or (self.minibatch_size is not None and self.minibatch_size < 1):
-            raise ValueError("epochs, reward_window and minibatch_size must be >= 1")
+            if not (is_number(getattr(self, name)) and 0.0 <= getattr(self, name) <= 1.0):
+                raise bad(name, "in [0, 1]")
+        for name in ("policy_clip", "value_clip", "vf_coef", "reward_scale"):
+            if not (is_number(getattr(self, name)) and 0 < getattr(self, name) < math.inf):
+                raise bad(name, "> 0")
+        if not (is_number(self.kl_coef) and 0 <= self.kl_coef < math.inf):
+            raise bad("kl_coef", ">= 0")
+        for name in ("max_grad_norm", "reward_clip"):
+            if getattr(self, name) is not None and not (is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "> 0 or null")
+        for name in ("epochs", "reward_window", "minibatch_size"):
+            value = getattr(self, name)
+            if (value is not None or name != "minibatch_size") and not (isinstance(value, int) and value >= 1):
+                raise bad(name, "an integer >= 1" + (" or null" if name == "minibatch_size" else ""))
+        if not (isinstance(self.critic_warmup_steps, int) and self.critic_warmup_steps >= 0):
+            raise bad("critic_warmup_steps", "an integer >= 0")
 
 
 @dataclass
@@ -189,13 +201,18 @@ class PPOModule(AlignModule):
                                                top_k=50),
                  critic_lora: LoraSpec = LoraSpec(r=16, alpha=32.0, dropout=0.0), reference: str = "adapter",
                  sample_every: int = 50, num_samples: int = 4, export_dir: Optional[str] = None):
-        super().__init__(backbone, optim, export_dir)
-        self.automatic_optimization = False
-        if reference not in ("adapter", "copy"):
-            raise ValueError(f"reference must be 'adapter' or 'copy', got {reference!r}")
+        ppo.validate(f"{CONFIG_KEY}.ppo")
+        critic_lora.validate(f"{CONFIG_KEY}.critic_lora")
+        require(reference in ("adapter", "copy"), "reference", "adapter | copy", reference)
+        require(isinstance(sample_every, int) and sample_every >= 0, "sample_every", "an integer >= 0", sample_every)
+        require(isinstance(num_samples, int) and num_samples >= 0, "num_samples", "an integer >= 0", num_samples)
+        super().__init__(backbone, optim, export_dir)  # checks optim and backbone first
         if not os.path.isfile(os.path.join(reward_model, "value_head.safetensors")):
-            raise FileNotFoundError(f"reward_model {reward_model!r} is not a RewardModule export directory (merged/ "
-                                    "and value_head.safetensors): train one first, e.g. with conf/reward.yaml")
+            raise FileNotFoundError(f"{CONFIG_KEY}.reward_model: {reward_model!r} is not a RewardModule export "
+                                    "directory (merged/ and value_head.safetensors): train one first, e.g. with "
+                                    "conf/reward.yaml")
+        check_llava_checkpoint(os.path.join(reward_model, "merged"), f"{CONFIG_KEY}.reward_model")
+        self.automatic_optimization = False
         self.cfg, self.sampling, self.reward_model = ppo, sampling, reward_model
         self.sample_every, self.num_samples = sample_every, num_samples
         self.reference = Reference(reference, backbone)
@@ -281,8 +298,14 @@ class PPOModule(AlignModule):
                  "entropy": entropy_from_logits(pol.logits.detach()).mean()}
         return loss, {k: v.detach().float() for k, v in stats.items()}
 
-    def update(self, roll: Rollout) -> dict[str, float]:
-        """``epochs`` passes of shuffled minibatches over the rollout, one optimizer step each; mean statistics."""
+    def update(self, roll: Rollout, ids: list) -> dict[str, float]:
+        """``epochs`` passes of shuffled minibatches over the rollout, one optimizer step each; mean statistics.
+
+        ids: the prompts' sample ids (response i answers prompt i), named when a step's loss or gradients are not
+        finite; such a step is skipped or stops the run (``optim.nonfinite``, ``AlignModule.guard_step``). A skipped
+        step still counts (``trainer.global_step``, ``max_steps``) and advances the schedule, as in automatic
+        optimisation: ``optimizer.step()`` runs on no gradients.
+        """
         cfg = self.cfg
         opt, sched = self.optimizers(), self.lr_schedulers()
         R = len(roll)
@@ -292,12 +315,14 @@ class PPOModule(AlignModule):
         for _ in range(cfg.epochs):
             order = torch.randperm(R).tolist()
             for i in range(0, R, size):
-                loss, stats = self.ppo_losses(roll, order[i:i + size])
+                rows = order[i:i + size]
+                loss, stats = self.ppo_losses(roll, rows)
                 opt.zero_grad()
                 self.manual_backward(loss)
-                if cfg.max_grad_norm:
+                finite = self.guard_step([loss], [ids[r] for r in rows] if ids else [], opt)
+                if finite and cfg.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
+                opt.step()  # after a skip the gradients are gone: nothing changes, but the step counts (max_steps)
                 sched.step()
                 updates += 1
                 for k, v in stats.items():
@@ -306,7 +331,7 @@ class PPOModule(AlignModule):
 
     def training_step(self, batch, batch_idx):
         roll = self.rollout(batch)
-        update_stats = self.update(roll)
+        update_stats = self.update(roll, batch.get("ids", []))
         self.rollouts += 1
         self.log_rollout(roll, update_stats, batch)
         if self.sample_every and (self.rollouts - 1) % self.sample_every == 0:

@@ -25,7 +25,7 @@ from torch import nn
 from .backbone import Backbone, BackboneConfig
 from .logps import pair_hidden, pair_image_features
 from .losses import RANKING_LOSSES
-from .module import AlignModule
+from .module import CONFIG_KEY, AlignModule, require
 from .optim import OptimConfig
 from .zero import gathered
 
@@ -81,13 +81,14 @@ class RewardModule(AlignModule):
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(lr=1e-4),
                  loss: str = "bradley_terry", num_responses: int = 2, layout: str = "packed",
                  head_seed: int = 0, export_dir: Optional[str] = None):
-        super().__init__(backbone, optim, export_dir)
-        if loss not in RANKING_LOSSES:
-            raise ValueError(f"loss must be one of {sorted(RANKING_LOSSES)}, got {loss!r}")
+        require(loss in RANKING_LOSSES, "loss", " | ".join(sorted(RANKING_LOSSES)), loss)
+        require(isinstance(num_responses, int) and num_responses >= 2, "num_responses", "an integer >= 2",
+                num_responses)
         if loss == "bradley_terry" and num_responses != 2:
-            raise ValueError("bradley_terry compares pairs: use num_responses 2, or loss plackett_luce")
-        if layout not in ("packed", "plain"):
-            raise ValueError(f"layout must be 'packed' or 'plain', got {layout!r}")
+            raise ValueError(f"{CONFIG_KEY}.num_responses: bradley_terry compares pairs: use num_responses 2, or "
+                             "loss plackett_luce")
+        require(layout in ("packed", "plain"), "layout", "packed | plain", layout)
+        super().__init__(backbone, optim, export_dir)
         self.loss_fn, self.num_responses, self.layout = RANKING_LOSSES[loss], num_responses, layout
         self.head_seed = head_seed
         self.head: Optional[nn.Linear] = None
