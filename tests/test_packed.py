@@ -33,11 +33,12 @@ def _separate_forwards(bb, examples):
     return torch.stack(sums)
 
 
-@pytest.mark.parametrize("layout,side", [("plain", "right"), ("plain", "left"), ("packed", "right"),
-                                         ("packed", "left")])
-def test_layouts_match_separate_forwards(make_backbone, layout, side):
+@pytest.mark.parametrize("layout,side,attn", [("plain", "right", "sdpa"), ("plain", "left", "sdpa"),
+                                              ("packed", "right", "sdpa"), ("packed", "left", "sdpa"),
+                                              ("packed", "right", "eager")])
+def test_layouts_match_separate_forwards(make_backbone, layout, side, attn):
     torch.manual_seed(0)
-    bb = make_backbone()
+    bb = make_backbone(attn_implementation=attn)
     bb.model.eval()
     examples = _examples(bb)
     batch = collate_pairs(examples, bb.tokenizer.pad_token_id, layout=layout, padding_side=side)

@@ -619,6 +619,13 @@ class Backbone(nn.Module):
             if attention_mask.dim() != 2:
                 raise ValueError("a 4D attention mask needs explicit position_ids")
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and \
+                m.config.text_config._attn_implementation == "eager":
+            # transformers hands a 4D mask through unchanged, and eager attention ADDS it to the scores: a boolean
+            # mask must become additive (0 where allowed, the dtype's minimum elsewhere), or packed rows see each
+            # other (measured: log-probs off by ~2 nats). SDPA takes the boolean mask as it is.
+            attention_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~attention_mask, torch.finfo(embeds.dtype).min)
         out = m.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                      position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
@@ -704,24 +711,49 @@ class Backbone(nn.Module):
         self.peft_model.save_pretrained(path, safe_serialization=True)
         self.processor.save_pretrained(path)
 
+    def merged_state_dict(self, dtype: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """The plain LLaVA's weights on the CPU, every LoRA delta added: W' = W + (alpha / r) * B @ A.
+
+        Read from the live model without copying it (a deep copy of ZeRO-3 partitioned or CUDA parameters is not
+        reliably a copy of their values); under ZeRO-3 call it inside ``zero.gathered(parameters)``.
+        """
+        m = self._need()
+        out = {}
+        for key, value in m.state_dict().items():
+            if "lora_" not in key:
+                out[key.replace(".base_layer.", ".")] = value.detach().to("cpu", copy=True)
+        if self.peft_model is not None:
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in m.named_modules():
+                if isinstance(module, LoraLayer) and not module.merged:
+                    for adapter in module.active_adapters:
+                        if adapter in module.lora_A:
+                            key = f"{name}.weight"
+                            out[key] += module.get_delta_weight(adapter).to("cpu", out[key].dtype)
+        if dtype:
+            out = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in out.items()}
+        return out
+
     def export_merged(self, path: str, dtype: Optional[str] = None):
         """Save a plain LLaVA checkpoint (LoRA merged in) that loads with transformers alone.
 
         Loads with ``LlavaForConditionalGeneration.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``.
-        The live model is left untouched (merging happens on a copy of the weights).
+        The live model is left untouched (the merged weights are built on the CPU from its state dict).
         """
         import copy
 
+        from transformers import LlavaForConditionalGeneration
+
         m = self._need()
-        if self.peft_model is not None:
-            merged = copy.deepcopy(self.peft_model).merge_and_unload()
-        else:
-            merged = m
-        if dtype:
-            merged = copy.deepcopy(merged).to(DTYPES[dtype]) if merged is m else merged.to(DTYPES[dtype])
-        merged.config.use_cache = True
-        merged.save_pretrained(path, safe_serialization=True)
-        m.config.use_cache = False
+        weights = self.merged_state_dict(dtype)
+        config = copy.deepcopy(m.config)
+        config.use_cache = True
+        with torch.device("meta"):
+            plain = LlavaForConditionalGeneration(config)
+        plain.load_state_dict(weights, strict=True, assign=True)
+        plain.generation_config = copy.deepcopy(m.generation_config)
+        plain.save_pretrained(path, safe_serialization=True)
         self.processor.save_pretrained(path)
 
     def describe(self) -> dict:

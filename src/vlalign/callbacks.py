@@ -33,13 +33,22 @@ import torch
 from .data.collate import batch_counts
 
 
+def _numel(p) -> int:
+    """A parameter's full size, also when it is a ZeRO-3 partition (whose local tensor is empty)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+# Dense bf16 / fp16 peaks (TFLOP/s) of GPUs that Lightning's table does not know yet (vendor datasheets).
+EXTRA_PEAK_TFLOPS = {"h200": 989.0}
+
+
 def forward_flops(backbone, lengths: list[int], n_images: int) -> float:
     """Forward FLOPs of the language model over sequences of ``lengths`` plus ``n_images`` through the vision tower."""
     m = backbone.model
     tc, vc = m.config.text_config, m.config.vision_config
-    n_lm = sum(p.numel() for n, p in m.model.language_model.named_parameters() if "embed" not in n)
-    n_lm += m.lm_head.weight.numel()
-    n_vis = sum(p.numel() for p in m.model.vision_tower.parameters())
+    n_lm = sum(_numel(p) for n, p in m.model.language_model.named_parameters() if "embed" not in n)
+    n_lm += _numel(m.lm_head.weight)
+    n_vis = sum(_numel(p) for p in m.model.vision_tower.parameters())
     patches = (vc.image_size // vc.patch_size) ** 2 + 1
     attn = 2 * tc.num_hidden_layers * tc.hidden_size * sum(l * l for l in lengths)  # QK^T and AV, causal half x 2
     return 2.0 * n_lm * sum(lengths) + attn + 2.0 * n_vis * patches * n_images
@@ -71,7 +80,11 @@ class Benchmark(L.Callback):
 
         dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else (
             torch.float16 if "16" in str(trainer.precision) else torch.float32)
-        return get_available_flops(device, dtype)
+        peak = get_available_flops(device, dtype)
+        name = torch.cuda.get_device_name(device).lower()
+        if peak is None and dtype != torch.float32:
+            peak = next((t * 1e12 for key, t in EXTRA_PEAK_TFLOPS.items() if key in name), None)
+        return peak
 
     def _sync(self, trainer):
         if trainer.strategy.root_device.type == "cuda":

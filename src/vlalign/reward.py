@@ -39,7 +39,8 @@ def value_head(hidden_size: int, seed: int = 0) -> nn.Linear:
     head = nn.Linear(hidden_size, 1, bias=False)
     generator = torch.Generator().manual_seed(seed)
     with gathered(head.parameters()), torch.no_grad():
-        w = torch.randn(head.weight.shape, generator=generator) / (hidden_size + 1) ** 0.5
+        # drawn on the CPU (its generator's device) whatever device context builds the model, then moved
+        w = torch.randn(head.weight.shape, generator=generator, device="cpu") / (hidden_size + 1) ** 0.5
         head.weight.copy_(w.to(head.weight.dtype))
     return head
 
