@@ -9,7 +9,12 @@ On several nodes, launch the same command on every node with the usual ``MASTER_
 ``NODE_RANK`` environment (or under SLURM) and ``--trainer.num_nodes N``.
 """
 
-from vlalign.cli import main
+import sys
+
+from vlalign.cli import ConfigError, main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a config value refused at start-up: the message names the key
+        sys.exit(f"error: {e}")

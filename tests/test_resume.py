@@ -210,8 +210,7 @@ def _fit(shards, tmp_path, workers, ckpt_path=None, checkpoints=False):
                         enable_model_summary=False, enable_checkpointing=checkpoints, callbacks=callbacks,
                         val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=2,
                         default_root_dir=str(tmp_path))
-    # weights_only=False: the checkpoint's hyper-parameters hold the project's config dataclasses (our own file)
-    trainer.fit(module, dm, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)  # torch's safe loader: the config dataclasses are allow-listed
     return losses.steps, dm
 
 

@@ -157,6 +157,24 @@ def atomic_torch_save(obj: Any, path: str):
     _fsync_dir(head)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """``with atomic_file(p) as tmp: write(tmp)``: ``p`` holds its previous content or the whole new file, never a
+    part (written to ``.name.tmp-<pid>`` beside ``p``, fsync'ed, then renamed onto it)."""
+    head = os.path.dirname(os.path.abspath(path))
+    os.makedirs(head, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(head)
+
+
 def swap_in(staged: str, target: str):
     """Move the finished directory ``staged`` onto ``target`` (both in one parent), removing the old ``target`` last.
 

@@ -80,6 +80,21 @@ def refuse_fresh_run_over_checkpoints(dirs: list[str], ckpt_path: Optional[str])
                 "--trainer.logger.init_args.version null for a fresh version_N), or delete that directory.")
 
 
+class ConfigError(ValueError):
+    """A config value the modules refused at start-up; the message names its YAML key (``src/train.py`` prints it
+    without a traceback)."""
+
+
+def config_errors(message: str) -> list[str]:
+    """The project's own messages inside jsonargparse's "Does not validate against any of the Union subtypes" text
+    (which also lists every subtype it tried and dumps the whole namespace)."""
+    if "Errors:" not in message:
+        return []
+    errors = message.split("Errors:", 1)[1].split("\nGiven value", 1)[0]
+    lines = [line.strip()[2:].strip() for line in errors.splitlines() if line.strip().startswith("- ")]
+    return [line for line in lines if not line.startswith("Expected a <class")]
+
+
 class AlignCLI(LightningCLI):
     """LightningCLI with the shard DataModule fixed and the algorithm chosen by ``model.class_path``.
 
@@ -97,6 +112,15 @@ class AlignCLI(LightningCLI):
         threads = cfg.get("torch_threads")
         if threads:
             torch.set_num_threads(int(threads))
+
+    def instantiate_classes(self):
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            errors = config_errors(str(e))
+            if not errors:
+                raise
+            raise ConfigError("\n".join(errors)) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with ``AtomicCheckpointIO`` added to its plugins unless the config chose a checkpoint IO, and

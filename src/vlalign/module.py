@@ -67,13 +67,17 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .backbone import Backbone, BackboneConfig
+from .backbone import Backbone, BackboneConfig, LoraSpec, TinySpec
 from .checkpoint import export_backbone, keep_trainable
 from .data.collate import batch_counts
 from .optim import OptimConfig, build_optimizer, nonfinite_flags
 from .zero import deepspeed_config_of
 
 log = logging.getLogger(__name__)
+
+# Checkpoints keep the modules' hyper-parameters, which hold these config dataclasses: let torch's safe loader
+# (``weights_only=True``, its default) rebuild them, so ``Trainer.fit(ckpt_path=...)`` resumes without unpickling code.
+torch.serialization.add_safe_globals([BackboneConfig, LoraSpec, TinySpec, OptimConfig])
 
 CONFIG_KEY = "model.init_args"
 """Where a module's arguments sit in the CLI's YAML (``model: {class_path, init_args}``): error messages name a wrong

@@ -125,6 +125,9 @@ class PPOConfig:
             raise bad("critic_warmup_steps", "an integer >= 0")
 
 
+torch.serialization.add_safe_globals([PPOConfig, Sampling])  # in checkpoints' hyper-parameters (see module.py)
+
+
 @dataclass
 class Rollout:
     """One batch of sampled responses and everything PPO computed about them; R responses, T response tokens.

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone, BackboneConfig
+from .checkpoint import atomic_file
 from .logps import pair_hidden, pair_image_features
 from .losses import RANKING_LOSSES
 from .module import CONFIG_KEY, AlignModule, require
@@ -122,9 +123,12 @@ class RewardModule(AlignModule):
 def save_head(head: nn.Linear, export_dir: str, backbone: Backbone):
     from safetensors.torch import save_file
 
-    os.makedirs(export_dir, exist_ok=True)
-    save_file({"weight": head.weight.detach().float().cpu().contiguous()}, os.path.join(export_dir, "value_head.safetensors"))
-    with open(os.path.join(export_dir, "reward.json"), "w") as f:
+    weight = head.weight.detach().float().cpu().contiguous()
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("refusing to export the reward model: its value head holds NaN or inf")
+    with atomic_file(os.path.join(export_dir, "value_head.safetensors")) as tmp:
+        save_file({"weight": weight}, tmp)
+    with atomic_file(os.path.join(export_dir, "reward.json")) as tmp, open(tmp, "w") as f:
         json.dump({"backbone": "merged", "hidden_size": head.in_features, "read_at": "last_token"}, f, indent=1)
 
 
