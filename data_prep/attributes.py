@@ -27,7 +27,11 @@ Language Models", ACL 2024, https://github.com/findalexli/mllm-dpo) graded ~4 an
       Complexity: 4, Verbosity: 4
 
 The input ``candidates`` need not be ranked; only ``scores`` decide. Records without candidates and scores, and
-records whose scores are malformed, are counted and skipped. Every group's random draw is seeded from ``--seed``
+records whose scores are malformed, are counted and skipped. Shards are read as training reads them (the
+project's tar reader, allow-listed decoding, images bounded by ``--max-image-pixels`` before decoding): a bad
+sample or a damaged shard (truncated, corrupt header, unreadable) is counted as ``bad_sample:<reason>``
+(``bad_sample:shard_truncated``, ``bad_sample:bad_image``, ...), the first of each reason printed with shard and
+key, and every good sample around it is still used. Every group's random draw is seeded from ``--seed``
 and its id, so the output does not depend on the order or split of the input.
 """
 
@@ -42,7 +46,8 @@ from collections import Counter
 from typing import Optional, Sequence
 
 from vlalign.data.schema import PreferenceRecord, SFTRecord
-from vlalign.data.shards import SampleError, ShardWriter, decode_sample, expand_urls, image_members
+from vlalign.data.shards import (DEFAULT_MAX_PIXELS, SampleError, ShardWriter, decode_sample, expand_urls,
+                                 image_members, iter_shard)
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 PAIR_ATTRIBUTES = ("helpfulness", "correctness", "coherence")  # summed into the pair rule's score
@@ -143,8 +148,14 @@ def _write(writer: ShardWriter, record, images: list[tuple[str, bytes]]):
     writer.write(record, [data for _, data in images])
 
 
+def read_items(paths: Sequence[str]):
+    """Raw samples of local shards in order, and a ``SampleError`` in place of each bad sample or damaged part of a
+    shard (``iter_shard``: truncated, corrupt header, unreadable; never raises for bad data)."""
+    for url in paths:
+        yield from iter_shard(url)
+
+
 def run(args) -> dict:
-    import webdataset as wds
     from tqdm.auto import tqdm
 
     paths = expand_urls(args.inputs)
@@ -154,14 +165,19 @@ def run(args) -> dict:
     writers = {k: ShardWriter(os.path.join(args.out, k, f"{v}-%06d.tar"), max_count=args.shard_size)
                for k, v in names.items()}
     read, groups, skipped, written = 0, 0, Counter(), Counter()
-    samples = wds.tarfile_to_samples(handler=wds.reraise_exception)({"url": p} for p in paths)
     try:
-        for raw in tqdm(samples, desc="attribute groups", unit="record", disable=not args.progress):
+        for raw in tqdm(read_items(paths), desc="attribute groups", unit="record", disable=not args.progress):
             read += 1
             try:
-                record, _ = decode_sample(raw)
+                if isinstance(raw, SampleError):
+                    raise raw
+                record, _ = decode_sample(raw, max_pixels=args.max_image_pixels)
             except SampleError as e:
-                skipped[f"bad_sample:{e.reason}"] += 1
+                tag = f"bad_sample:{e.reason}"
+                if not skipped[tag]:
+                    print(f"skipping a sample ({e.reason}): {e} (further '{e.reason}' samples are counted, not "
+                          "printed)", file=sys.stderr)
+                skipped[tag] += 1
                 continue
             if not isinstance(record, PreferenceRecord):
                 skipped["not_preference"] += 1
@@ -201,6 +217,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--out", required=True, help="output directory; gets dpo/, rejection_sampling/, steerlm/")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of rejected candidate, per group")
     p.add_argument("--shard-size", type=int, default=1000, help="records per output shard")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest image (width x height) read; checked from the header before decoding, larger "
+                   "ones are skipped as bad_sample:image_too_large (use the training data.max_image_pixels)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p.parse_args(argv)
 

@@ -47,7 +47,10 @@ training pipeline checks ``tokens`` against its own count of each response and r
 tokenizer or chat template (``ref_mismatch``); if that happens, recompute them with ``data_prep/precompute_ref.py``.
 
 Every record is checked: fields present and of the right type, images present and decodable, ``<image>``
-placeholders matching the images, and the schema's own rules. A bad record stops the run with a message naming the
+placeholders matching the images, and the schema's own rules, each counted under the reason the training stream
+would skip the record for (``identical_pair``: chosen equal to rejected; ``non_finite``: NaN / Infinity, which
+Python's JSON reader accepts; ``bad_json``: a lone surrogate, nesting deeper than the schema's limit;
+``image_tokens``; ``bad_record``: any other schema rule). A bad record stops the run with a message naming the
 file and line (for a JSON array also the item's index), and the shards written so far are removed; with
 ``--skip-bad`` it is skipped and counted by reason in the summary printed at the end (records read, written,
 skipped by reason, the first messages of each reason). Images are copied byte for byte (PNG, JPEG, WebP); other
@@ -70,7 +73,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from vlalign.data.schema import RecordError, parse_record, with_images
+from vlalign.data.schema import RecordError, check_json_value, parse_record, with_images
 from vlalign.data.shards import ShardWriter
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -350,6 +353,8 @@ def _json_array(path: str, text: str, start: int) -> Iterator[tuple[str, Any]]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise ConvertError(f"{path}:{e.lineno} (item {index}): broken JSON: {e.msg}") from e
+        except RecursionError as e:  # Python's JSON parser gives up at ~1000 levels; the item's end is unknown
+            raise ConvertError(f"{path}:{line} (item {index}): bad_json: JSON nested too deeply to parse") from e
         yield f"{path}:{line} (item {index})", obj
         pos = _SPACE.match(text, end).end()
         if text.startswith(",", pos):
@@ -377,10 +382,12 @@ def read_source(path: str) -> Iterator[tuple[str, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(raw)
+                obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                yield f"{path}:{number}", BadRecord(
-                    "bad_json", f"broken JSON: {e.msg} (expected a JSON array or one object per line)")
+                obj = BadRecord("bad_json", f"broken JSON: {e.msg} (expected a JSON array or one object per line)")
+            except RecursionError:  # Python's JSON parser gives up at ~1000 levels (the schema allows 64)
+                obj = BadRecord("bad_json", "JSON nested too deeply to parse")
+            yield f"{path}:{number}", obj
 
 
 def load_images(paths: Sequence[str]) -> tuple[str, list[bytes]]:
@@ -414,11 +421,19 @@ def load_images(paths: Sequence[str]) -> tuple[str, list[bytes]]:
 
 
 def check_record(record: dict, n_images: int) -> None:
-    """The schema's rules, and ``<image>`` placeholders that match the images. Raises ``BadRecord``."""
+    """The schema's rules, the JSON values a shard may hold, and ``<image>`` placeholders that match the images.
+
+    Raises ``BadRecord`` under the schema's own reason (``RecordError.reason``): ``identical_pair`` (chosen equal to
+    rejected, a repeated candidate), ``non_finite`` (NaN / Infinity, which Python's JSON reader accepts),
+    ``bad_json`` (a lone surrogate from a ``"\\ud800"`` escape, nesting deeper than ``MAX_JSON_DEPTH``),
+    ``image_tokens``, or ``bad_record`` for any other schema rule: the reasons the training stream would skip the
+    record under, found before it is written.
+    """
     try:
+        check_json_value(record)
         parsed = parse_record(record)
     except RecordError as e:
-        raise BadRecord("bad_record", str(e)) from e
+        raise BadRecord(e.reason, str(e)) from e
     try:
         with_images(parsed.conversation if record["kind"] == "sft" else parsed.prompt, n_images)
     except RecordError as e:

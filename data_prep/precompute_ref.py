@@ -21,16 +21,21 @@ scored. Images are copied byte for byte.
 
 Records that cannot be scored (not a preference record, too long, unencodable) are counted; they are dropped,
 or written without ``ref_logps`` (otherwise unchanged) with ``--keep-unscored``. Existing ``ref_logps`` are replaced.
-Undecodable samples are counted and never written.
+Shards are read as training reads them (the project's tar reader, allow-listed decoding, images bounded by
+``--max-image-pixels`` before decoding): a bad sample or a damaged shard (truncated, corrupt header, unreadable)
+never stops the run; it is counted in ``unscored`` under its reason (``shard_truncated``, ``shard_corrupt``,
+``bad_image``, ``image_too_large``, ...), the first of each reason is printed with shard and key, it is never
+written, and every good sample around it is still scored.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -38,7 +43,8 @@ from vlalign.data.chat import Encoder
 from vlalign.data.collate import PairExample, collate_pairs, to_device
 from vlalign.data.pipeline import Encode
 from vlalign.data.schema import LogProb, PreferenceRecord
-from vlalign.data.shards import SampleError, ShardWriter, decode_sample, expand_urls, image_members
+from vlalign.data.shards import (DEFAULT_MAX_PIXELS, SampleError, ShardWriter, decode_sample, expand_urls,
+                                 image_members, iter_shard)
 from vlalign.generation import add_runtime_args, batched, count_samples, load_model, model_fingerprint, report
 from vlalign.logps import pair_logps
 
@@ -87,16 +93,20 @@ def score(backbone, examples: list[PairExample], layout: str = "packed") -> list
     return [[LogProb(s[b][i], m[b][i], int(n[b][i])) for i in range(len(s[b]))] for b in range(len(examples))]
 
 
-def read_raw(urls, limit: Optional[int]):
-    import webdataset as wds
-
+def read_raw(urls, limit: Optional[int]) -> Iterator[dict | SampleError]:
+    """The raw samples of local shards in order (``iter_shard``), and in their place a ``SampleError`` for each bad
+    sample or damaged part of a shard (truncated, corrupt header, unreadable): never raises for bad data.
+    ``limit`` counts both: the first ``limit`` items read."""
     paths = expand_urls(urls)
     if not paths:
         raise FileNotFoundError(f"no shards match {urls!r}")
-    for i, raw in enumerate(wds.tarfile_to_samples(handler=wds.reraise_exception)(({"url": u} for u in paths))):
-        if limit is not None and i >= limit:
-            return
-        yield raw
+    n = 0
+    for url in paths:
+        for item in iter_shard(url):
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield item
 
 
 def _write(writer: ShardWriter, obj: dict, raw: dict):
@@ -120,9 +130,14 @@ def run(args) -> dict:
             for raw in chunk:
                 record = None
                 try:
-                    record, images = decode_sample(raw)
+                    if isinstance(raw, SampleError):  # a bad sample or a damaged shard, as the reader met it
+                        raise raw
+                    record, images = decode_sample(raw, max_pixels=args.max_image_pixels)
                     rows.append((raw, record, encode_record(encoders, record, images, args.max_length)))
                 except SampleError as e:
+                    if not unscored[e.reason]:
+                        print(f"not scored ({e.reason}): {e} (further '{e.reason}' records are counted, not "
+                              "printed)", file=sys.stderr)
                     unscored[e.reason] += 1
                     rows.append((raw, record, None))  # record None: undecodable, never written
             # one forward per group of examples with the same number of responses
@@ -166,6 +181,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--max-length", type=int, default=512,
                    help="the training max_length: longer prompt + response pairs are not scored")
     p.add_argument("--layout", default="packed", choices=("packed", "plain"), help="as the DPO config's layout")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest image (width x height) read; checked from the header before decoding, larger "
+                   "ones are counted as image_too_large (use the training data.max_image_pixels)")
     p.add_argument("--max-candidates", type=int, default=16, help="records with more candidates are not scored")
     p.add_argument("--keep-unscored", action="store_true", help="write unscorable records unchanged")
     p.add_argument("--model-name", default=None, help="ref_logps.model (default: dir name @ weights hash)")

@@ -16,6 +16,16 @@ images for evaluation):
    items (paired bootstrap, 95% intervals); CHAIRi and words per caption are reported beside them, since a
    shorter caption alone lowers CHAIR.
 
+Reruns into the same ``--out``: each training stage lives in its own stable run directory (``OUT/sft``,
+``OUT/dpo``, ``OUT/dpo_swapped``: TensorBoard events, ``checkpoints/``, ``export/``) and is started with
+``--ckpt_path last``. Rerun with the same settings, a stage resumes: one interrupted (Ctrl-C, a killed job)
+continues from its newest complete checkpoint, one that finished only reloads its last checkpoint and exports
+again. A stage whose settings changed (its config overrides such as ``--sft-steps``, ``--dpo-steps``, ``--beta``,
+or the bytes of the pairs and SFT model it trains from, e.g. after another ``--t``) has its old run directory
+deleted and trains from scratch; ``--fresh`` does that for every stage. The shapes world is reused when it
+matches, SeVa pairs and the evaluation are recomputed (greedy decoding on CPU: the same pairs for the same model),
+and ``report.md`` / ``report.json`` are replaced.
+
 Read the result as a measurement, not a promise: at this scale DPO's effect can be small, and the interval says
 whether it is distinguishable from zero. Seen here (2026-11-24, ``python eval/demo.py --sft runs/sft/export`` from
 a 1200-step SFT model, 8.5 minutes): the SFT model named 1.8 objects per caption (recall of true objects 46%,
@@ -33,9 +43,10 @@ lower the hallucination rate per object named: read CHAIRs only together with CH
 from __future__ import annotations
 
 import argparse
-import glob
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,13 +66,69 @@ def log(msg: str):
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train(config: str, run_dir: str, overrides: list[str]):
-    """``python src/train.py fit --config CONFIG`` with outputs under ``run_dir``."""
+STAGE_FILE = "demo_stage.json"  # a training stage's settings, in its run directory
+
+
+def file_digest(paths: Sequence[str]) -> str:
+    """A BLAKE2 hash of the bytes of ``paths`` (files, or every file under a directory, in sorted order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+        for name in files:
+            h.update(os.path.relpath(name, path).encode() + b"\0")
+            with open(name, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def prepare_run_dir(run_dir: str, settings: dict, fresh: bool = False) -> str:
+    """Make ``run_dir`` ready for a training stage with ``settings``; returns what the stage will do.
+
+    ``"new"``: no run directory yet. ``"resume"``: the directory holds a run of these very settings (recorded in
+    ``STAGE_FILE``), which ``--ckpt_path last`` continues or, if it finished, only re-exports. ``"restart"``: the
+    directory holds a run of other settings (or of an older demo, or ``fresh`` was asked): it is deleted first, so
+    no checkpoint of another stage is resumed and TensorBoard shows one run per directory.
+    """
+    stamp = os.path.join(run_dir, STAGE_FILE)
+    outcome = "new"
+    if os.path.exists(run_dir):
+        try:
+            with open(stamp) as f:
+                same = json.load(f) == settings
+        except (OSError, ValueError):
+            same = False
+        if same and not fresh:
+            return "resume"
+        shutil.rmtree(run_dir)
+        outcome = "restart"
+    os.makedirs(run_dir)
+    with open(stamp + ".tmp", "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(stamp + ".tmp", stamp)
+    return outcome
+
+
+def train(config: str, run_dir: str, overrides: list[str], inputs: Sequence[str] = (), fresh: bool = False) -> str:
+    """``python src/train.py fit --config CONFIG --ckpt_path last`` with everything under ``run_dir`` (its stable
+    run directory: TensorBoard events, ``checkpoints/``, ``export/``); returns the export directory.
+
+    A rerun of the demo into the same ``--out`` resumes each stage (see ``prepare_run_dir``): an interrupted stage
+    continues from its newest complete checkpoint, a finished one reloads its ``last.ckpt`` and exports again
+    (seconds). The stage's settings are its config, ``overrides`` and a hash of ``inputs`` (the shards and model it
+    trains from); when they changed, its old run directory is deleted and it trains from scratch.
+    """
     name = os.path.basename(run_dir)
+    settings = {"config": config, "overrides": overrides, "inputs": file_digest(inputs)}
+    outcome = prepare_run_dir(run_dir, settings, fresh)
+    log(f"{name}: " + {"new": "training", "resume": "resuming from its last checkpoint (same settings)",
+                       "restart": "settings changed (or --fresh): old run directory removed, training anew"}[outcome])
     cmd = [sys.executable, os.path.join(ROOT, "src", "train.py"), "fit", "--config", os.path.join(ROOT, config),
            "--trainer.default_root_dir", run_dir, "--trainer.logger.init_args.save_dir", os.path.dirname(run_dir),
            "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false",
-           "--model.init_args.export_dir", os.path.join(run_dir, "export"), *overrides]
+           "--model.init_args.export_dir", os.path.join(run_dir, "export"),
+           *overrides, "--ckpt_path", "last"]
     log(" ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]))
     subprocess.run(cmd, check=True, cwd=ROOT)
     return os.path.join(run_dir, "export")
@@ -169,6 +236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64, help="generation batch size")
     p.add_argument("--no-control", dest="control", action="store_false", help="skip the swapped-pairs control")
+    p.add_argument("--fresh", action="store_true", help="train every stage from scratch, deleting its earlier run "
+                   "directory under --out (default: a stage rerun with the same settings resumes)")
     args = p.parse_args(argv)
 
     import torch
@@ -187,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     sft = args.sft or train("conf/sft.yaml", os.path.join(out, "sft"),
                             data + ["--trainer.max_steps", str(args.sft_steps),
-                                    "--trainer.val_check_interval", str(args.sft_steps)])
+                                    "--trainer.val_check_interval", str(args.sft_steps)], fresh=args.fresh)
 
     import seva_pairs
 
@@ -197,8 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                "--t", str(args.t), "--limit", str(args.seva_prompts), "--max-new-tokens", "48",
                                "--batch-size", str(args.batch_size), "--shard-size", "100", "--no-progress"])
     log(f"SeVa pairs: {json.dumps(summary)}")
-    train_set, val, swapped, n_train = split_pairs(sorted(glob.glob(os.path.join(seva_dir, "seva-*.tar"))),
-                                                   os.path.join(out, "pairs"))
+    # this run's shards only: a rerun that made fewer pairs must not read an earlier run's extra shard
+    train_set, val, swapped, n_train = split_pairs(summary["shards"], os.path.join(out, "pairs"))
     log(f"{n_train} training pairs, the rest held out for DPO's validation")
     sets = {"dpo": train_set}
     if args.control:
@@ -208,7 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runs[name] = train("conf/dpo.yaml", os.path.join(out, name), [
             "--model.init_args.backbone.checkpoint", os.path.join(sft, "merged"), "--model.init_args.beta", str(args.beta),
             "--data.train", tr, "--data.val", val, "--trainer.max_steps", str(args.dpo_steps),
-            "--trainer.val_check_interval", str(args.dpo_steps), "--trainer.limit_val_batches", "20"])
+            "--trainer.val_check_interval", str(args.dpo_steps), "--trainer.limit_val_batches", "20"],
+            inputs=[tr, val, os.path.join(sft, "merged")], fresh=args.fresh)
 
     work = os.path.join(out, "eval")
     os.makedirs(work, exist_ok=True)

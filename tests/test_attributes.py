@@ -181,3 +181,26 @@ def test_cli_is_deterministic_and_seeded(graded_shards):
     first = run(0, "a")
     assert run(0, "b") == first
     assert any(run(seed, f"s{seed}") != first for seed in range(1, 8))
+
+
+def test_cli_counts_a_bad_sample_and_a_truncated_shard(graded_shards, capsys):
+    """An undecodable image and a shard cut off inside its last sample are counted (``bad_sample:<reason>``), not
+    fatal, and every good group around them is still used."""
+    bad = graded_shards / "bad"
+    with ShardWriter(str(bad / "g-%06d.tar"), max_count=3) as w:
+        w.write(_group("first", WIDE), [_png("red")])
+        w.write(_group("broken_image", WIDE), [b"not an image"])
+        w.write(_group("second", TIED), [_png("blue")])
+        w.write(_group("third", WIDE), [_png("green")])
+        w.write(_group("cut", WIDE), [_png("white")])
+    with tarfile.open(w.paths[1]) as tar:
+        cut = tar.getmember(f"{w.total - 1:09d}.png").offset_data + 10  # inside the last sample's image
+    with open(w.paths[1], "r+b") as f:
+        f.truncate(cut)
+    summary = attributes.main(["--in", str(bad), "--out", str(graded_shards / "out_bad"), "--no-progress"])
+    assert summary["records_read"] == 5 and summary["groups_read"] == 3 and summary["pairs"] == 3
+    assert summary["skipped"] == {"bad_sample:bad_image": 1, "bad_sample:shard_truncated": 1}
+    rs = [r.id for p in summary["shards"]["rejection_sampling"] for r, _ in read_shard(p)]
+    assert rs == ["first", "second", "third"]
+    err = capsys.readouterr().err
+    assert f"shard {w.paths[0]} key 000000001" in err and f"shard {w.paths[1]} key 000000004" in err

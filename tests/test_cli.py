@@ -1,8 +1,9 @@
 """The README's training commands through the real CLI, shortened: SFT from scratch, then DPO (with a weighted
 mix of losses given on the command line), KTO, the reward model and PPO from its export (PPO scoring with that reward
-model)."""
+model); DataMonitor's skip counts through the CLI; eval/demo.py's training stages rerun into the same directory."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,85 @@ def test_missing_checkpoint_gives_a_clear_error(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "is not a local directory" in res.stderr
+
+
+def _sample_members(key, answer="A shape.", image=True, bad=None):
+    import io
+    import json
+
+    from PIL import Image
+
+    record = {"kind": "sft", "id": key, "conversation": [{"role": "user", "content": "<image>\nWhat is it?"},
+                                                         {"role": "assistant", "content": answer}]}
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), "red").save(buf, format="PNG")
+    members = [(f"{key}.json", b'{"kind": "sft", "id": ' if bad == "bad_json" else json.dumps(record).encode())]
+    return members + ([(f"{key}.png", b"not an image" if bad == "bad_image" else buf.getvalue())] if image else [])
+
+
+def _tar(path, members, cut_inside=None):
+    """A tar of (name, bytes) members; with ``cut_inside``, the file ends 10 bytes into that member's data."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if cut_inside:
+        with tarfile.open(path) as tar:
+            cut = tar.getmember(cut_inside).offset_data + 10
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    return str(path)
+
+
+def test_data_monitor_logs_train_and_val_skips_per_reason(tmp_path):
+    """conf/sft.yaml's DataMonitor: ``train/skipped``, ``train/skipped/<reason>`` (since the run began) and
+    ``val/skipped``, ``val/skipped/<reason>`` (per validation pass) equal the bad samples in the shards, and the
+    end of fit prints both."""
+    members = [m for i in range(8) for m in _sample_members(f"g{i}")]
+    members += _sample_members("b0", bad="bad_image") + _sample_members("b1", bad="bad_json")
+    train = _tar(tmp_path / "train.tar", members + _sample_members("cut"), cut_inside="cut.png")
+    val = _tar(tmp_path / "val.tar", [m for i in range(3) for m in _sample_members(f"v{i}")]
+               + _sample_members("b2", bad="bad_image") + _sample_members("b3")[1:])  # b3: an image, no .json
+    runs = tmp_path / "runs"
+    res = _fit("conf/sft.yaml", tmp_path, "--data.train", train, "--data.val", val, "--data.num_workers", "0",
+               "--data.batch_size", "2", "--data.val_batch_size", "4", "--trainer.max_steps", "4",
+               "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+               "--trainer.default_root_dir", str(runs / "sft"), "--trainer.logger.init_args.save_dir", str(runs),
+               "--model.init_args.export_dir", str(runs / "sft" / "export"))
+    logdir = str(runs / "sft")
+    train_skips = {"bad_image": 1, "bad_json": 1, "shard_truncated": 1}
+    assert _scalars(logdir, "train/skipped")[-1] == 3
+    assert {r: _scalars(logdir, f"train/skipped/{r}")[-1] for r in train_skips} == train_skips
+    assert _scalars(logdir, "val/skipped") == [2, 2]  # two validation passes, each counted on its own
+    assert _scalars(logdir, "val/skipped/bad_image") == [1, 1] and _scalars(logdir, "val/skipped/no_json") == [1, 1]
+    assert ("data: skipped 3 training samples (bad_image 1, bad_json 1, shard_truncated 1); 2 in the latest "
+            "validation pass (bad_image 1, no_json 1)") in res.stdout
+
+
+def test_demo_stage_rerun_resumes_and_changed_settings_restart(tmp_path):
+    """eval/demo.py's training stages: a rerun into the same run directory is not refused but resumes (a finished
+    stage only re-exports, to the same weights); changed settings delete the old run and train anew."""
+    import demo
+
+    shards = _tar(tmp_path / "train.tar", [m for i in range(6) for m in _sample_members(f"g{i}")])
+    run_dir = str(tmp_path / "out" / "sft")
+    overrides = ["--data.train", shards, "--data.val", shards, "--data.num_workers", "0", "--data.batch_size", "2",
+                 "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1"]
+    export = demo.train("conf/sft.yaml", run_dir, overrides, inputs=[shards])
+    weights = demo.file_digest([export])
+    events = glob.glob(os.path.join(run_dir, "events.out.tfevents*"))
+    assert len(events) == 1 and os.path.exists(os.path.join(run_dir, "checkpoints", "last.ckpt"))
+
+    assert demo.train("conf/sft.yaml", run_dir, overrides, inputs=[shards]) == export  # not refused: resumed
+    assert demo.file_digest([export]) == weights  # the finished run re-exported the same model
+    assert len(_scalars(run_dir, "train/loss")) == 2  # no step trained twice
+
+    settings = json.load(open(os.path.join(run_dir, demo.STAGE_FILE)))
+    assert demo.prepare_run_dir(run_dir, settings) == "resume"
+    assert demo.prepare_run_dir(run_dir, {**settings, "overrides": overrides[:-1] + ["4"]}) == "restart"
+    assert os.listdir(run_dir) == [demo.STAGE_FILE]  # the old run is gone: no checkpoint of other settings resumes
+    assert demo.prepare_run_dir(str(tmp_path / "out" / "dpo"), settings) == "new"

@@ -226,6 +226,29 @@ def test_bad_record_in_json_lines(tmp_path, images, record, reason):
     assert [r.id for r, _ in _read(summary)] == ["ok", "ok"]
 
 
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": "Q", "chosen": "Same answer.", "rejected": " Same answer. "}, "identical_pair"),
+    ({"prompt": "Q", "candidates": ["a", "b", "a"]}, "identical_pair"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "meta": {"score": float("nan")}}, "non_finite"),
+    ('{"prompt": "Q", "chosen": "a", "rejected": "b", "meta": {"score": Infinity}}', "non_finite"),
+    ('{"prompt": "Q", "chosen": "a \\ud800", "rejected": "b"}', "bad_json"),  # a lone surrogate
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "meta": {"deep": json.loads("[" * 70 + "]" * 70)}}, "bad_json"),
+    ('{"prompt": "Q", "meta": ' + "[" * 5000 + "]" * 5000 + "}", "bad_json"),  # past Python's JSON parser
+    ({"prompt": "<image>\n<image>\nQ", "chosen": "a", "rejected": "b"}, "image_tokens"),
+    ({"prompt": [{"role": "assistant", "content": "Q"}], "chosen": "a", "rejected": "b"}, "bad_record"),
+])
+def test_schema_reasons_are_the_streams(tmp_path, images, record, reason):
+    """A record the training stream would skip is refused before it is written, under the stream's reason."""
+    good = {"prompt": "Q", "chosen": "a", "rejected": "b"}
+    src = _write(tmp_path / "pairs.jsonl", [good, record, good], lines=True)
+    with pytest.raises(convert.ConvertError, match=reason) as e:
+        _run("preference", src, images, tmp_path)
+    assert str(e.value).startswith(f"{src}:2: ")
+    summary = _run("preference", src, images, tmp_path, "--skip-bad")
+    assert (summary["read"], summary["written"], summary["skipped"]) == (3, 2, {reason: 1})
+    assert len(_read(summary)) == 2
+
+
 def test_skip_bad_counts_every_reason(tmp_path, images):
     def rec(**kw):
         return {"id": "s", "image": "a.png", "conversations": [{"from": "human", "value": "Q"},

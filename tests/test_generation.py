@@ -4,13 +4,16 @@ eval/reward_accuracy.py on a real tiny model exported to disk."""
 import json
 import os
 import sys
+import tarfile
+from collections import Counter
 
 import pytest
 import torch
 
 from vlalign.backbone import Backbone, BackboneConfig
-from vlalign.generation import (Sampling, View, generate_views, load_model, model_fingerprint, prompt_encode,
-                                read_samples, resolve_model)
+from vlalign.data.shards import SampleError
+from vlalign.generation import (Sampling, View, count_samples, generate_views, load_model, model_fingerprint,
+                                prompt_encode, read_samples, resolve_model)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval"))
 import generate as eval_generate  # noqa: E402  (eval/generate.py)
@@ -61,6 +64,46 @@ def test_pixel_transform_changes_what_the_model_sees(model, shapes_dir):
     urls = f"{shapes_dir}/prompts/train-*.tar"
     out = _answers(model, urls, 2, {"blank": View(Sampling(2), pixel_transform=blank)}, limit=3)
     assert [i for i, _ in out] == seen  # called once per record, with its id
+
+
+def _damaged_prompt_shards(root) -> tuple[list[str], list[str]]:
+    """Two prompt shards: the first with an undecodable image in its third sample, the second cut off inside its
+    last sample's image. Returns (paths, ids of the good samples in order)."""
+    from PIL import Image
+
+    from vlalign.data.shards import ShardWriter
+
+    def rec(i):
+        return {"kind": "prompt", "id": f"q{i}", "prompt": "<image>\nWhat is it?", "answer": "A shape."}
+
+    image = Image.new("RGB", (16, 16), "red")
+    with ShardWriter(str(root / "p-%06d.tar"), max_count=4) as w:
+        for i in range(8):
+            w.write(rec(i), [b"not an image" if i == 2 else image])
+    with tarfile.open(w.paths[1]) as tar:
+        cut = tar.getmember(f"{w.total - 1:09d}.png").offset_data + 10  # inside the last sample's image
+    with open(w.paths[1], "r+b") as f:
+        f.truncate(cut)
+    return w.paths, [f"q{i}" for i in range(8) if i not in (2, 7)]
+
+
+def test_read_samples_counts_a_bad_sample_and_a_truncated_shard(tmp_path):
+    paths, good = _damaged_prompt_shards(tmp_path)
+    skipped = Counter()
+    assert [r.id for r, _ in read_samples(paths, skipped=skipped)] == good  # every good sample, in order
+    assert skipped == {"bad_image": 1, "shard_truncated": 1}
+    skipped = Counter()
+    assert [r.id for r, _ in read_samples(paths, limit=2, skipped=skipped)] == good[:2] and skipped == {}
+    assert [r.id for r, _ in read_samples(paths, limit=3, skipped=skipped)] == good[:3]  # the limit counts good ones
+    assert skipped == {"bad_image": 1}
+    with pytest.raises(SampleError, match="cannot be decoded") as e:  # without a counter: raised, shard and key
+        list(read_samples(paths))
+    assert (e.value.reason, e.value.shard, e.value.key) == ("bad_image", paths[0], "000000002")
+    skipped = Counter()  # the pixel limit: read from the header, before decoding
+    assert list(read_samples(paths, skipped=skipped, max_pixels=15 * 16)) == []
+    assert skipped == {"image_too_large": 6, "bad_image": 1, "shard_truncated": 1}
+    (tmp_path / "empty.tar").write_bytes(b"")  # the progress-bar count never fails on what the reader reports
+    assert count_samples(paths + [str(tmp_path / "empty.tar"), str(tmp_path / "missing.tar")]) == 8
 
 
 def test_model_resolution(model_dir, tmp_path):
@@ -130,3 +173,37 @@ def test_reward_accuracy_on_shards(shapes_dir, tmp_path):
     assert json.loads(out.read_text())["accuracy"] == m["accuracy"]
     by = m["by_group"]["corruption"]  # the shapes world's records say how the rejected answer was corrupted
     assert sum(g["n"] for g in by.values()) == 60 and "(none)" not in by and "flipped_answer" in by
+
+
+def test_reward_accuracy_counts_bad_samples_and_a_truncated_shard(shapes_dir, reward_export, tmp_path):
+    """Pairs are read as training reads them: a bad image, an identical pair and a shard cut off inside its last
+    sample are counted per reason; every good pair is scored. Shards without any good pair stop the script with
+    the counts (the stream's accounting-only item)."""
+    import io
+
+    from vlalign.data.shards import iter_shard
+
+    raws = [r for _, r in zip(range(7), iter_shard(f"{shapes_dir}/preference/val-000000.tar"))]
+    members = []
+    for i, raw in enumerate(raws):
+        record = json.loads(raw["json"])
+        if i == 2:
+            record["rejected"] = record["chosen"]  # identical_pair (ShardWriter would refuse to write it)
+        members += [(f"k{i}.json", json.dumps(record).encode()), (f"k{i}.png", b"no image" if i == 1 else raw["png"])]
+    paths = [str(tmp_path / "p-0.tar"), str(tmp_path / "p-1.tar")]
+    for path, part in zip(paths, (members[:8], members[8:])):
+        with tarfile.open(path, "w") as tar:
+            for name, data in part:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(paths[1]) as tar:
+        cut = tar.getmember("k6.png").offset_data + 10  # inside the last sample's image
+    with open(paths[1], "r+b") as f:
+        f.truncate(cut)
+    args = ["--reward-model", reward_export[1], "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    m = reward_accuracy.main(args + ["--shards", str(tmp_path / "p-*.tar")])
+    assert m["skipped"] == {"bad_image": 1, "identical_pair": 1, "shard_truncated": 1} and m["skipped_total"] == 3
+    assert m["n"] == 4 and sum(g["n"] for g in m["by_group"]["corruption"].values()) == 4
+    with pytest.raises(SystemExit, match="skipped 3 samples: image_too_large 2, shard_truncated 1"):
+        reward_accuracy.main(args + ["--shards", paths[1], "--max-image-pixels", "1"])

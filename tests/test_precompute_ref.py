@@ -1,6 +1,7 @@
 """data_prep/precompute_ref.py: stored reference log-probs equal a fresh reference's, the DPO pipeline accepts
 them (token counts match), images are copied byte for byte, unscorable records are counted."""
 
+import json
 import os
 import sys
 import tarfile
@@ -123,3 +124,26 @@ def test_dpo_trains_on_them_with_loss_log2_at_the_start(scored, model_dir):
         loss, metrics = module.step(batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-4)
     assert metrics["rewards/margins"].abs().item() < 1e-3
+
+
+def test_a_bad_sample_and_a_truncated_shard_are_counted_not_fatal(model_dir, shapes_dir, tmp_path):
+    """Shards read as training reads them: an undecodable image and a shard cut off inside its last sample are
+    counted under their reasons; every good record around them is still scored."""
+    from vlalign.data.shards import ShardWriter, image_members, iter_shard
+
+    raws = [r for _, r in zip(range(6), iter_shard(f"{shapes_dir}/preference/train-000000.tar"))]
+    with ShardWriter(str(tmp_path / "in" / "p-%06d.tar"), max_count=3) as w:
+        for i, raw in enumerate(raws):
+            w.write(json.loads(raw["json"]), [b"not an image" if i == 1 else image_members(raw)[0][1]])
+    with tarfile.open(w.paths[1]) as tar:
+        cut = tar.getmember(f"{w.total - 1:09d}.png").offset_data + 10  # inside the last sample's image
+    with open(w.paths[1], "r+b") as f:
+        f.truncate(cut)
+    summary = precompute_ref.main(["--model", model_dir, "--in", str(tmp_path / "in"), "--out",
+                                   str(tmp_path / "out" / "ref-%06d.tar"), "--batch-size", "2", "--device", "cpu",
+                                   "--no-progress"])
+    assert summary["unscored"] == {"bad_image": 1, "shard_truncated": 1}
+    ids = [json.loads(raw["json"])["id"] for raw in raws]
+    got = [r for p in summary["shards"] for r, _ in read_shard(p)]
+    assert [r.id for r in got] == [ids[i] for i in (0, 2, 3, 4)] and summary["scored"] == 4
+    assert all(r.ref_logps is not None for r in got)

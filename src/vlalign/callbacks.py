@@ -151,21 +151,69 @@ class Benchmark(L.Callback):
                                             for k, v in s.items()))
 
 
+def skipped_over_ranks(counts) -> dict[str, int]:
+    """``{reason: count}`` summed over every rank (a collective under torch.distributed: every rank must call it;
+    a plain copy in a single process)."""
+    from .data.module import gather_per_rank
+
+    total: dict[str, int] = {}
+    for ranks_counts in gather_per_rank(dict(counts or {})).values():
+        for reason, n in ranks_counts.items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return dict(sorted(total.items()))
+
+
+def skip_metrics(split: str, counts: dict[str, int]) -> dict[str, float]:
+    """``{"<split>/skipped": total, "<split>/skipped/<reason>": count, ...}``, the names ``DataMonitor`` logs."""
+    return {f"{split}/skipped": float(sum(counts.values())),
+            **{f"{split}/skipped/{reason}": float(n) for reason, n in counts.items()}}
+
+
+def _summary(counts: dict[str, int], what: str) -> str:
+    """``"3 training samples (bad_image 1, bad_json 2)"``."""
+    by_reason = " (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")" if counts else ""
+    return f"{sum(counts.values())} {what}{by_reason}"
+
+
 class DataMonitor(L.Callback):
-    """Logs the samples the data pipeline skipped (``data/skipped`` and ``data/skipped_<reason>``) and prints a
-    summary at the end of ``fit``; the reasons are tags such as ``bad_image``, ``bad_record``, ``too_long``."""
+    """Logs the samples the data stream skipped, per reason, and prints a summary at the end of ``fit``.
+
+    Reads the ``ShardDataModule``'s exact counts (every bad sample is counted once, also after a reader's last
+    batch and in a reader without batches; see ``data.pipeline``):
+
+    * ``train/skipped`` (all reasons) and ``train/skipped/<reason>``: training samples skipped since the run began
+      (``dm.skipped``, restored on resume, so the curve continues), after every training batch;
+    * ``val/skipped`` and ``val/skipped/<reason>``: samples skipped by the latest validation pass
+      (``dm.skipped_val``, of the batches it read: ``limit_val_batches`` stops it early), at the end of each
+      validation pass (not the sanity check).
+
+    Reasons are the stream's tags: ``bad_image``, ``image_too_large``, ``bad_json``, ``non_finite``, ``bad_record``,
+    ``identical_pair``, ``too_long``, ``shard_truncated``, ``shard_corrupt``, ``shard_unreadable``, ... Under
+    several processes the counts are summed over the ranks (a small ``all_gather_object`` per training batch and
+    per validation pass; the ranks' reasons may differ, which ``sync_dist`` could not reduce). A reason appears once
+    it has been met; the per-reason curves start there.
+    """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        dm = trainer.datamodule
-        skipped = getattr(dm, "skipped", None)
+        skipped = getattr(trainer.datamodule, "skipped", None)
         if skipped is None:
             return
-        metrics = {"data/skipped": float(sum(skipped.values()))}
-        metrics.update({f"data/skipped_{k}": float(v) for k, v in skipped.items()})
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_dict(skip_metrics("train", skipped_over_ranks(skipped)), on_step=True, on_epoch=False,
+                           batch_size=1)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        skipped = getattr(trainer.datamodule, "skipped_val", None)
+        if skipped is None or trainer.sanity_checking:
+            return
+        pl_module.log_dict(skip_metrics("val", skipped_over_ranks(skipped)), on_step=False, on_epoch=True,
+                           batch_size=1)
 
     def on_fit_end(self, trainer, pl_module):
-        skipped = getattr(trainer.datamodule, "skipped", None)
-        if skipped and trainer.is_global_zero:
-            print(f"data: skipped {sum(skipped.values())} training samples: "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+        dm = trainer.datamodule
+        if getattr(dm, "skipped", None) is None:
+            return
+        train = skipped_over_ranks(dm.skipped)
+        val = skipped_over_ranks(getattr(dm, "skipped_val", None))
+        if trainer.is_global_zero and (train or val):
+            print(f"data: skipped {_summary(train, 'training samples')}; "
+                  f"{_summary(val, 'in the latest validation pass')}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import zlib
@@ -44,7 +45,9 @@ from .data.chat import Encoder
 from .data.collate import PromptExample, collate_prompts
 from .data.pipeline import Encode
 from .data.schema import PreferenceRecord, PromptRecord, Record, SFTRecord
-from .data.shards import SampleError, decode_sample, expand_urls
+from .data.shards import DEFAULT_MAX_PIXELS, SampleError, decode_sample, expand_urls, iter_shard
+
+log = logging.getLogger(__name__)
 
 ImageTransform = Callable[[list, str], list]  # (PIL images, record id) -> PIL images
 PixelTransform = Callable[[torch.Tensor, str], torch.Tensor]  # ((n_images, 3, H, W), record id) -> same shape
@@ -105,40 +108,62 @@ def model_fingerprint(path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- samples
-def read_samples(urls: str | Sequence[str], limit: Optional[int] = None,
-                 skipped: Optional[Counter] = None) -> Iterator[tuple[Record, list[Image.Image]]]:
-    """Decoded ``(record, images)`` from shards, in order; undecodable samples are counted in ``skipped``.
+def read_samples(urls: str | Sequence[str], limit: Optional[int] = None, skipped: Optional[Counter] = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[Record, list[Image.Image]]]:
+    """Decoded ``(record, images)`` from local shards, in order: the first ``limit`` good samples.
 
-    Uses the same allow-listed decoding as training (``decode_sample``: nothing is unpickled).
+    Read as training reads them: the project's tar reader (``iter_shard``) and allow-listed decoding
+    (``decode_sample``: nothing is unpickled, images over ``max_pixels`` = width x height are refused from their
+    header). A bad sample, or a damaged shard (truncated, corrupt header, unreadable), is a ``SampleError``: with
+    ``skipped`` (a ``Counter``) it is counted under its reason (``shard_truncated``, ``bad_image``,
+    ``image_too_large``, ...), the first of each reason is logged with shard and key, and reading goes on with the
+    next good sample (after a corrupt header the reader resynchronises, so later samples of that shard still
+    arrive); without ``skipped`` it is raised. ``limit`` counts good samples only.
     """
-    import webdataset as wds
-
     paths = expand_urls(urls)
     if not paths:
         raise FileNotFoundError(f"no shards match {urls!r}")
+    if limit is not None and limit <= 0:
+        return
     n = 0
-    for raw in wds.tarfile_to_samples(handler=wds.reraise_exception)(({"url": u} for u in paths)):
-        if limit is not None and n >= limit:
-            return
-        try:
-            yield decode_sample(raw)
-        except SampleError as e:
-            if skipped is None:
-                raise
-            skipped[e.reason] += 1
-            continue
-        n += 1
+    for url in paths:
+        for raw in iter_shard(url):
+            try:
+                if isinstance(raw, SampleError):
+                    raise raw
+                sample = decode_sample(raw, max_pixels=max_pixels)
+            except SampleError as e:
+                if skipped is None:
+                    raise
+                if not skipped[e.reason]:
+                    log.warning("skipping a sample (%s): %s (further '%s' skips are counted, not logged)",
+                                e.reason, e, e.reason)
+                skipped[e.reason] += 1
+                continue
+            yield sample
+            n += 1
+            if limit is not None and n >= limit:
+                return
 
 
 def count_samples(urls: str | Sequence[str]) -> int:
-    """Records in local shards (their ``.json`` members; tar headers only), for progress bars."""
+    """About how many records local shards hold (their ``.json`` members; tar headers only), for progress bars.
+
+    An estimate, never an error: a missing, empty or unreadable shard counts 0 and a damaged one the records before
+    the damage (``read_samples`` reports those faults, sample by sample).
+    """
     import tarfile
 
     n = 0
     for p in expand_urls(urls):
-        if os.path.isfile(p):
+        if not os.path.isfile(p):
+            continue
+        try:
             with tarfile.open(p) as tar:
-                n += sum(1 for m in tar if m.name.endswith(".json"))
+                for m in tar:
+                    n += m.name.endswith(".json")
+        except (tarfile.TarError, OSError, EOFError):
+            continue
     return n
 
 
