@@ -177,7 +177,9 @@ def test_export_is_swapped_in_whole_and_refuses_nan_weights(tmp_path, make_backb
 def _fit(tmp_path, shapes_dir, *extra):
     runs = tmp_path / "runs"
     cmd = [sys.executable, "src/train.py", "fit", "--config", "conf/sft.yaml", "--trainer.enable_progress_bar", "false",
-           "--data.shapes_dir", shapes_dir, "--data.shapes_train_images", "300", "--data.num_workers", "1",
+           # the session's shapes world, read as shards: "--data.shapes_dir" would rebuild it with the CLI's sizes
+           "--data.train", f"{shapes_dir}/sft/train-*.tar", "--data.val", f"{shapes_dir}/sft/val-*.tar",
+           "--data.num_workers", "1",
            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
            "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(runs / "sft"),
            "--trainer.logger.init_args.save_dir", str(runs), "--model.init_args.export_dir", "null", *extra]

@@ -173,6 +173,10 @@ CASES = [  # (config, overrides, message)
     ("ppo", ["--model.init_args.reward_model", "{tmp}"], "model.init_args.reward_model: "),
     ("reward", ["--model.init_args.loss", "bt"], "model.init_args.loss must be bradley_terry | plackett_luce"),
     ("sft", ["--model.init_args.optim.weight_decay", "-0.01"], "model.init_args.optim.weight_decay must be >= 0"),
+    ("sft", ["--data.batch_size", "0"], "data.batch_size must be an integer >= 1, got 0"),
+    ("sft", ["--data.num_workers=-1"], "data.num_workers must be an integer >= 0, got -1"),
+    ("sft", ["--data.padding_side", "middle"], "data.padding_side must be one of"),
+    ("sft", ["--data.train", "{tmp}/none-*.tar"], "data.train: no shards match"),
 ]
 
 

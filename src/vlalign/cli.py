@@ -116,8 +116,10 @@ class AlignCLI(LightningCLI):
     def instantiate_classes(self):
         try:
             super().instantiate_classes()
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             errors = config_errors(str(e))
+            if not errors and str(e).startswith(("data.", "model.", "trainer.")):
+                errors = [str(e)]  # raised by a class that is not chosen by class_path (the DataModule)
             if not errors:
                 raise
             raise ConfigError("\n".join(errors)) from None

@@ -160,6 +160,21 @@ class StreamLoader(DataLoader):
             yield item
 
 
+def _check_settings(**values):
+    """Refuse impossible data settings at start-up (before any model is built), naming the YAML key."""
+    at_least = {"batch_size": 1, "val_batch_size": 1, "max_length": 2, "num_workers": 0, "shuffle_buffer": 0,
+                "epoch_samples": 1, "max_image_pixels": 1, "shapes_train_images": 1}
+    for name, low in at_least.items():
+        value = values[name]
+        if value is None and name in ("val_batch_size", "epoch_samples"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+    for name, allowed in (("on_error", ("skip", "raise")), ("padding_side", ("left", "right"))):
+        if values[name] not in allowed:
+            raise ValueError(f"data.{name} must be one of {allowed}, got {values[name]!r}")
+
+
 class ShardDataModule(L.LightningDataModule):
     """Streams shards for SFT, reward-model, DPO and PPO training (checkpointed position: see the module docstring).
 
@@ -194,8 +209,14 @@ class ShardDataModule(L.LightningDataModule):
                  seed: int = 0, prompt_suffix: str = "", padding_side: str = "right",
                  max_image_pixels: int = DEFAULT_MAX_PIXELS):
         super().__init__()
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
+        _check_settings(batch_size=batch_size, val_batch_size=val_batch_size, max_length=max_length,
+                        num_workers=num_workers, shuffle_buffer=shuffle_buffer, epoch_samples=epoch_samples,
+                        on_error=on_error, padding_side=padding_side, max_image_pixels=max_image_pixels,
+                        shapes_train_images=shapes_train_images)
+        for name, value in (("train", train), ("val", val)):
+            if value not in (None, "shapes") and not expand_urls(value):
+                raise FileNotFoundError(f"data.{name}: no shards match {value!r} (paths, globs, {{a..b}} patterns "
+                                        "or directories of .tar files)")
         self.train_urls, self.val_urls = train, val
         self.shapes_dir, self.shapes_train_images = shapes_dir, shapes_train_images
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
