@@ -29,7 +29,6 @@ import sys
 from collections import Counter
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from vlalign.data.collate import to_device
@@ -38,6 +37,7 @@ from vlalign.data.pipeline import is_accounting
 from vlalign.data.schema import RecordError, loads_record
 from vlalign.data.shards import DEFAULT_MAX_PIXELS, SampleError, expand_urls, iter_shard
 from vlalign.generation import add_runtime_args, count_samples, report
+from vlalign.metrics.reward import grouped_accuracy, reward_metrics  # noqa: F401  (the one implementation)
 
 
 def record_meta(urls: str, key: str) -> dict[str, object]:
@@ -55,31 +55,6 @@ def record_meta(urls: str, key: str) -> dict[str, object]:
                 continue
             out[record.id] = record.meta.get(key, "(none)")
     return out
-
-
-def grouped_accuracy(ids: Sequence[str], chosen: Sequence[float], rejected: Sequence[float],
-                     groups: dict) -> dict[str, dict]:
-    """{group value: {"accuracy", "n"}} over aligned pairs, sorted by value."""
-    acc: dict[str, list] = {}
-    for i, c, r in zip(ids, chosen, rejected):
-        acc.setdefault(str(groups.get(i, "(none)")), []).append(float(c > r))
-    return {g: {"accuracy": sum(v) / len(v), "n": len(v)} for g, v in sorted(acc.items())}
-
-
-def reward_metrics(chosen: Sequence[float], rejected: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Accuracy, margin and reward statistics of aligned chosen / rejected rewards (see the module docstring)."""
-    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
-    if c.shape != r.shape or c.ndim != 1 or not len(c):
-        raise ValueError(f"need aligned non-empty 1-D rewards, got shapes {c.shape} and {r.shape}")
-    correct = (c > r).astype(np.float64)
-    both = np.concatenate([c, r])
-    rng = np.random.default_rng(seed)
-    boot = correct[rng.integers(0, len(c), size=(n_boot, len(c)))].mean(1)
-    return {"accuracy": float(correct.mean()), "accuracy_ci": [float(np.quantile(boot, 0.025)),
-                                                                float(np.quantile(boot, 0.975))],
-            "margin_mean": float((c - r).mean()), "reward_mean": float(both.mean()),
-            "reward_std": float(both.std(ddof=1)) if len(both) > 1 else 0.0,
-            "chosen_mean": float(c.mean()), "rejected_mean": float(r.mean()), "n": int(len(c))}
 
 
 def run(args) -> dict:

@@ -8,7 +8,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import pytest  # noqa: E402
 
-from pope import evaluate, main, parse_answer, pope_metrics, row_name, summarise  # noqa: E402
+from pope import evaluate, main  # noqa: E402
+
+from vlalign.metrics.pope import parse_answer, pope_metrics, row_name, summarise  # noqa: E402
 
 
 @pytest.mark.parametrize("text, parsed", [
