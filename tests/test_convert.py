@@ -280,7 +280,9 @@ def test_empty_sources(tmp_path, images):
 def test_converters_are_plain_functions(images):
     record, paths = convert.seva({"chosen": "a", "reject": "b", "question": "q", "image_id": "c"}, str(images), "id0")
     assert record["kind"] == "preference" and record["id"] == "id0" and paths == [str(images / "c.jpg")]
-    assert set(convert.CONVERTERS) == {"llava-sft", "preference", "seva", "sima", "vla-ranked", "mllm-dpo", "unpaired"}
+    assert set(convert.CONVERTERS) == {"llava-sft", "preference", "trl", "rlaif-v", "llamafactory-dpo",
+                                       "llamafactory-sft", "swift", "seva", "seva-prompts", "sima", "sima-prompts",
+                                       "vla-ranked", "mllm-dpo", "unpaired"}
 
 
 def test_script_runs(tmp_path, images):
@@ -293,3 +295,279 @@ def test_script_runs(tmp_path, images):
     ok = subprocess.run(cmd + ["--skip-bad"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stderr[ok.stderr.index("{"):])["skipped"] == {"missing_image": 1}
+
+
+# ------------------------------------------------------------------------------- the layouts people have (issue 14)
+def _b64(path):
+    import base64
+
+    return base64.b64encode(open(path, "rb").read()).decode()
+
+
+def _rlaif_row(images, idx, image, **kw):
+    """One row of openbmb/RLAIF-V-Dataset as its card lists the columns (image: datasets' {"bytes", "path"})."""
+    return {"ds_name": "RLAIF-V", "image": image, "question": "Describe the image in detail.",
+            "chosen": "A noisy picture.", "rejected": "A cat on a sofa.", "origin_dataset": "COCO",
+            "origin_split": json.dumps({"model": "llava15_7b", "feedback_model": "llava-next", "type": "detailed"}),
+            "idx": idx, "image_path": "coco/0001.jpg", **kw}
+
+
+def test_rlaif_v_json_lines(tmp_path, images):
+    src = _write(tmp_path / "rlaif.jsonl", [
+        _rlaif_row(images, "17", {"bytes": _b64(images / "c.jpg"), "path": "0001.jpg"}),
+        _rlaif_row(images, "18", {"bytes": None, "path": "sub/d.png"}, chosen=" Leading space."),
+    ], lines=True)
+    (r1, i1), (r2, i2) = _read(_run("rlaif-v", src, images, tmp_path))
+    assert r1.id == "RLAIF-V-17" and r1.prompt == [{"role": "user", "content": "Describe the image in detail."}]
+    assert (r1.chosen, r1.rejected) == ("A noisy picture.", "A cat on a sofa.")
+    assert r1.meta["origin_dataset"] == "COCO" and json.loads(r1.meta["origin_split"])["type"] == "detailed"
+    assert r1.meta["source"] == "rlaif-v" and r1.meta["image_path"] == "coco/0001.jpg"
+    assert _same_images(i1, [images / "c.jpg"]) and _same_images(i2, [images / "sub/d.png"])
+    assert r2.chosen == "Leading space."
+
+
+def test_parquet_needs_pyarrow_or_says_so(tmp_path, images):
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is not None:
+        pytest.skip("pyarrow is installed: test_rlaif_v_parquet_and_save_to_disk covers parquet")
+    (tmp_path / "train-00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(convert.ConvertError, match="needs pyarrow"):
+        _run("rlaif-v", tmp_path / "train-00000.parquet", images, tmp_path)
+    assert glob.glob(str(tmp_path / "s-*.tar*")) == []
+
+
+def test_rlaif_v_parquet_and_save_to_disk(tmp_path, images):
+    """The Hub's parquet (image bytes inside) and datasets' save_to_disk folder (Arrow stream files + state.json)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [_rlaif_row(images, str(i), {"bytes": open(images / name, "rb").read(), "path": name})
+            for i, name in enumerate(("a.png", "c.jpg", "b.png"))]
+    table = pa.Table.from_pylist(rows)
+    assert pa.types.is_struct(table.schema.field("image").type)
+    pq.write_table(table, str(tmp_path / "RLAIF-V-Dataset_000.parquet"), row_group_size=2)
+    disk = tmp_path / "saved"
+    disk.mkdir()
+    with pa.OSFile(str(disk / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=2)
+    (disk / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                                                 "_split": "train"}))
+    (disk / "dataset_info.json").write_text("{}")
+    for source in (tmp_path / "RLAIF-V-Dataset_000.parquet", disk):
+        got = _read(_run("rlaif-v", source, images, tmp_path / source.name))
+        assert [r.id for r, _ in got] == ["RLAIF-V-0", "RLAIF-V-1", "RLAIF-V-2"]
+        assert all(_same_images(ims, [images / n]) for (_, ims), n in zip(got, ("a.png", "c.jpg", "b.png")))
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    with pytest.raises(convert.ConvertError, match="give one split's folder"):
+        _run("rlaif-v", tmp_path / "dd", images, tmp_path)
+
+
+def test_trl_conversational(tmp_path, images, tiny_processor_backbone):
+    """TRL's conversational vision preference layout (typed content) and its implicit prompt."""
+    from vlalign.data.chat import Encoder
+
+    def user(*parts):
+        return {"role": "user", "content": list(parts)}
+
+    def assistant(text):
+        return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+    image, text = {"type": "image"}, lambda t: {"type": "text", "text": t}
+    src = _write(tmp_path / "trl.jsonl", [
+        {"images": ["a.png"], "prompt": [user(image, text("What colour is it?"))],
+         "chosen": [assistant(" Red.")], "rejected": [assistant(" Blue.")]},
+        {"images": [{"bytes": _b64(images / "b.png"), "path": None}, "c.jpg"],
+         "prompt": [user(image, image, text("Compare them."))], "chosen": [assistant("Same.")],
+         "rejected": [assistant("Different.")]},
+        {"images": ["a.png"], "chosen": [user(image, text("Q?")), assistant("Yes.")],  # implicit prompt
+         "rejected": [user(image, text("Q?")), assistant("No.")]},
+        {"images": ["a.png"], "prompt": "<image>\nThe sky is", "chosen": " blue.", "rejected": " green."},  # standard
+    ], lines=True)
+    (r1, i1), (r2, i2), (r3, i3), (r4, _) = _read(_run("trl", src, images, tmp_path))
+    assert r1.prompt == [{"role": "user", "content": "<image>\nWhat colour is it?"}]
+    assert (r1.chosen, r1.rejected) == ("Red.", "Blue.") and _same_images(i1, [images / "a.png"])
+    assert r2.prompt[0]["content"] == "<image>\n<image>\nCompare them."
+    assert _same_images(i2, [images / "b.png", images / "c.jpg"])  # embedded bytes, then a path
+    assert r3.prompt == [{"role": "user", "content": "<image>\nQ?"}] and (r3.chosen, r3.rejected) == ("Yes.", "No.")
+    assert (r4.chosen, r4.rejected) == ("blue.", "green.")
+    enc = Encoder(tiny_processor_backbone.tokenizer, tiny_processor_backbone.processor.chat_template,
+                  tiny_processor_backbone.num_image_tokens)
+    assert enc.render(r1.prompt, add_generation_prompt=True) == "USER: <image>\nWhat colour is it? ASSISTANT:"
+
+
+def test_llamafactory_dpo_and_sft(tmp_path, images):
+    """LLaMA-Factory's sharegpt preference layout (dataset_info: ranking, formatting sharegpt, columns messages /
+    chosen / rejected / images) and the messages layout of its multimodal demo data (mllm_demo.json)."""
+    dpo = _write(tmp_path / "rlhf_v.json", [
+        {"conversations": [{"from": "human", "value": "<image>What is in the picture?"}],
+         "chosen": {"from": "gpt", "value": "A noisy square."}, "rejected": {"from": "gpt", "value": "A cat."},
+         "images": ["a.png"]},
+        {"conversations": [{"from": "human", "value": "<image>Describe it."}, {"from": "gpt", "value": "Noise."},
+                           {"from": "human", "value": "Any colour?"}],
+         "chosen": {"from": "gpt", "value": "Many."}, "rejected": {"from": "gpt", "value": "Only red."},
+         "system": "Be brief.", "images": ["c.jpg"]},
+    ])
+    (r1, i1), (r2, i2) = _read(_run("llamafactory-dpo", dpo, images, tmp_path / "dpo"))
+    assert r1.prompt == [{"role": "user", "content": "<image>What is in the picture?"}]
+    assert (r1.chosen, r1.rejected) == ("A noisy square.", "A cat.") and _same_images(i1, [images / "a.png"])
+    assert [t["role"] for t in r2.prompt] == ["system", "user", "assistant", "user"]
+    assert r2.prompt[0]["content"] == "Be brief." and _same_images(i2, [images / "c.jpg"])
+    sft = _write(tmp_path / "mllm_demo.json", [
+        {"messages": [{"content": "<image>Who are they?", "role": "user"},
+                      {"content": "Two squares.", "role": "assistant"},
+                      {"content": "What are they doing?", "role": "user"},
+                      {"content": "Nothing.", "role": "assistant"}], "images": ["sub/d.png"]},
+        {"messages": [{"content": "Please describe this image", "role": "user"},  # the older demo: no <image>
+                      {"content": "Noise.", "role": "assistant"}], "images": ["b.png"]},
+    ])
+    (s1, j1), (s2, j2) = _read(_run("llamafactory-sft", sft, images, tmp_path / "sft"))
+    assert isinstance(s1, SFTRecord) and [t["role"] for t in s1.conversation] == ["user", "assistant"] * 2
+    assert s1.conversation[0]["content"] == "<image>Who are they?" and _same_images(j1, [images / "sub/d.png"])
+    assert s2.conversation[0]["content"] == "Please describe this image" and _same_images(j2, [images / "b.png"])
+
+
+def test_swift(tmp_path, images):
+    """ms-swift's RLHF layout: messages + rejected_response (or rejected_messages) + images."""
+    msgs = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A square."}]
+    src = _write(tmp_path / "swift.jsonl", [
+        {"messages": msgs, "rejected_response": "A kitten.", "images": ["a.png"]},
+        {"messages": msgs, "images": ["a.png"], "rejected_images": ["a.png"],
+         "rejected_messages": msgs[:2] + [{"role": "assistant", "content": "A puppy."}]},
+        {"messages": msgs, "rejected_response": "A kitten.", "images": ["a.png"], "rejected_images": ["b.png"]},
+    ], lines=True)
+    summary = _run("swift", src, images, tmp_path, "--skip-bad")
+    (r1, i1), (r2, _) = _read(summary)
+    assert r1.prompt == [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "<image>What is this?"}]
+    assert (r1.chosen, r1.rejected) == ("A square.", "A kitten.") and _same_images(i1, [images / "a.png"])
+    assert r2.rejected == "A puppy." and r1.meta["source"] == "ms-swift"
+    assert summary["skipped"] == {"unsupported": 1}  # different images for chosen and rejected: not supported
+    assert "rejected_images" in summary["examples"]["unsupported"][0]
+
+
+def test_seva_and_sima_prompt_files_feed_the_pair_scripts(tmp_path, images):
+    """SeVa's step-1 image-question list and SIMA's question file become prompt shards that read_samples (what
+    seva_pairs.py / sima_pairs.py read) yields, the ground truth as the answer SIMA's critic needs."""
+    import seva_pairs
+    import sima_pairs
+    from vlalign.data.schema import PromptRecord
+    from vlalign.generation import read_samples
+
+    seva = _write(tmp_path / "ocrvqa_image_question_list_8k.json", [
+        {"image": "a.png", "text": "What is the title of this book?"},
+        {"image": "c.jpg", "text": "Is this a kids book? Answer the question using a single word or phrase."},
+    ], lines=True)
+    sima = _write(tmp_path / "sima_questions.jsonl", [
+        {"question_id": 7, "image": "b.png", "text": "Describe the image.", "ground_truth": " Two noisy shapes."},
+        {"image": "sub/d.png", "text": "Describe the image."},  # no ground truth: SIMA cannot judge it
+    ], lines=True)
+    seva_summary = _run("seva-prompts", seva, images, tmp_path / "seva")
+    sima_summary = _run("sima-prompts", sima, images, tmp_path / "sima", "--skip-bad")
+    assert sima_summary["skipped"] == {"missing_field": 1}
+    got = list(read_samples(seva_summary["shards"]))
+    assert all(isinstance(r, PromptRecord) for r, _ in got) and [len(ims) for _, ims in got] == [1, 1]
+    assert got[0][0].prompt == [{"role": "user", "content": "What is the title of this book?"}]
+    assert got[0][0].answer is None and np.array_equal(np.asarray(got[1][1][0]), _pixels(images / "c.jpg"))
+    stripped = seva_pairs.strip_suffix(got[1][0], seva_pairs.OCRVQA_SUFFIX)
+    assert stripped.prompt[0]["content"] == "Is this a kids book?"
+    (record, ims), = read_samples(sima_summary["shards"])
+    assert record.id == "7" and record.answer == "Two noisy shapes." and record.meta["source"] == "sima"
+    assert sima_pairs.question_of(record) == "Describe the image." and _same_images(ims, [images / "b.png"])
+
+
+def test_vla_multi_image_and_ranked_text_around_the_image(tmp_path, images, tiny_processor_backbone):
+    """Vision-LLM-Alignment: comma-joined image paths under one <image>, and a ranked sample whose question has text
+    on both sides of <image>, rendered by the template without gluing "doing?" to "### Answer:"."""
+    from vlalign.data.chat import Encoder
+
+    sft = _write(tmp_path / "sft_samples_multi_image.json", [
+        {"id": "000000033471", "image": "a.png,b.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+            {"from": "gpt", "value": "White and red."}]},
+    ])
+    (s, ims), = _read(_run("llava-sft", sft, images, tmp_path / "sft"))
+    assert s.conversation[0]["content"] == "<image>\n<image>\nWhat are the colors of the bus in the image?"
+    assert _same_images(ims, [images / "a.png", images / "b.png"])
+    enc = Encoder(tiny_processor_backbone.tokenizer, tiny_processor_backbone.processor.chat_template,
+                  tiny_processor_backbone.num_image_tokens)
+    ids, _ = enc.conversation(s.conversation)
+    assert ids.count(tiny_processor_backbone.image_token_id) == 2 * tiny_processor_backbone.num_image_tokens
+
+    question = ("What are the people in the image doing?\n<image>\n\n### Answer:\nWalking.\n\n### Question:\n"
+                "Why are they walking?")
+    ranked = _write(tmp_path / "reward_samples.json", [
+        {"id": "000000013249", "image": "a.png", "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": ["A festival.", "No reason."]}]},
+    ])
+    (r, _), = _read(_run("vla-ranked", ranked, images, tmp_path / "ranked"))
+    assert r.prompt[0]["content"] == ("<image>\nWhat are the people in the image doing?\n\n### Answer:\nWalking."
+                                      "\n\n### Question:\nWhy are they walking?")
+    text = enc.render(r.prompt, add_generation_prompt=True)
+    assert "doing?\n\n### Answer:\nWalking." in text and "doing?###" not in text
+    assert text.startswith("USER: <image>\nWhat are") and text.count("<image>") == 1
+
+
+_LEADING_SPACE = [  # (format, a record in that layout whose responses start with a space, the record's responses)
+    ("preference", {"prompt": "Q?", "chosen": " yes.", "rejected": " no."}, lambda r: [r.chosen, r.rejected]),
+    ("trl", {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Q?"}]}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": " yes."}]}],
+             "rejected": [{"role": "assistant", "content": " no."}]}, lambda r: [r.chosen, r.rejected]),
+    ("preference", {"prompt": "Q?", "candidates": [" a.", " b.", " c."]}, lambda r: r.candidates),
+    ("unpaired", {"prompt": "Q?", "completion": " yes.", "label": True}, lambda r: [r.completion]),
+    ("llava-sft", {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": " yes."}]},
+     lambda r: [r.conversation[1]["content"]]),
+    ("llamafactory-sft", {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": " a."}]},
+     lambda r: [r.conversation[1]["content"]]),
+    ("llamafactory-dpo", {"conversations": [{"from": "human", "value": "Q?"}],
+                          "chosen": {"from": "gpt", "value": " a."}, "rejected": {"from": "gpt", "value": " b."}},
+     lambda r: [r.chosen, r.rejected]),
+    ("swift", {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": " a."}],
+               "rejected_response": " b."}, lambda r: [r.chosen, r.rejected]),
+    ("rlaif-v", {"image": {"bytes": None, "path": "a.png"}, "question": "Q?", "chosen": " a.", "rejected": " b."},
+     lambda r: [r.chosen, r.rejected]),
+    ("seva", {"chosen": " a.", "reject": " b.", "question": "Q?", "image_id": "a.png"},
+     lambda r: [r.chosen, r.rejected]),
+    ("sima", {"image": "a.png", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": " a."}],
+              "rejected_conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": " b."}]},
+     lambda r: [r.chosen, r.rejected]),
+    ("sima-prompts", {"image": "a.png", "text": "Q?", "ground_truth": " a."}, lambda r: [r.answer]),
+    ("vla-ranked", {"image": "a.png", "conversations": [{"from": "human", "value": "Q?"},
+                                                        {"from": "gpt", "value": [" a.", " b."]}]},
+     lambda r: r.candidates + [r.chosen, r.rejected]),
+    ("mllm-dpo", {"question": "Q?", "chosen": " a.", "rejected": " b.", "ref_win_logp": -2.0, "ref_rej_logp": -2.0,
+                  "ref_win_avg_logp": -1.0, "ref_rej_avg_logp": -1.0}, lambda r: [r.chosen, r.rejected]),
+]
+
+
+@pytest.mark.parametrize("fmt, record, responses", _LEADING_SPACE, ids=[f for f, _, _ in _LEADING_SPACE])
+def test_leading_space_is_stripped_in_every_converter(tmp_path, images, fmt, record, responses):
+    """TRL's " answer" convention would tokenise the space on its own: every converter stores the bare text."""
+    (r, _), = _read(_run(fmt, _write(tmp_path / "src.jsonl", [record], lines=True), images, tmp_path))
+    assert responses(r) and all(t == t.strip() and t for t in responses(r))
+
+
+def test_stored_ref_logps_are_checked_only_for_a_precomputed_reference(tmp_path, images, tiny_processor_backbone):
+    """mllm-dpo's log-probs count tokens of LLaVA-1.5-13B's tokenizer: an adapter run must train on the pairs
+    (ignoring them), a precomputed run must refuse them (ref_mismatch)."""
+    from vlalign.backbone import BackboneConfig, LoraSpec
+    from vlalign.data.module import ShardDataModule
+    from vlalign.dpo import DPOModule
+
+    rows = [{"id": f"m{i}", "question": repr({"from": "human", "value": "<image>\nWhat is shown?"}),
+             "chosen": {"from": "gpt", "value": f"A square number {i}."},
+             "rejected": {"from": "gpt", "value": "A cat."},
+             "image": "a.png", "ref_win_logp": -40.0, "ref_rej_logp": -30.0, "ref_win_avg_logp": -1.0,
+             "ref_rej_avg_logp": -1.0} for i in range(3)]  # 40 and 30 tokens: not this tokenizer's counts
+    summary = _run("mllm-dpo", _write(tmp_path / "dpo_logp.json", rows), images, tmp_path)
+    lora = BackboneConfig(lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    for reference, kept, skipped in (("adapter", 3, {}), ("precomputed", 0, {"ref_mismatch": 3})):
+        spec = DPOModule(lora, reference=reference).batch_spec()
+        assert spec["ref_logps"] is (reference == "precomputed")
+        dm = ShardDataModule(train=summary["shards"], val=None, batch_size=4, num_workers=0)
+        dm.attach(tiny_processor_backbone, spec)
+        batches = list(dm.train_dataloader())
+        assert sum(len(b["ids"]) for b in batches) == kept and dict(dm.skipped) == skipped
+        assert all("ref_logps_sum" not in b for b in batches)

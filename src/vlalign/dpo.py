@@ -110,7 +110,10 @@ class DPOModule(AlignModule):
 
     # ------------------------------------------------------------------------------------------------- setup
     def batch_spec(self) -> dict:
-        return {"format": "pairs", "layout": self.layout, "num_responses": self.num_responses}
+        """Pairs; the shards' stored reference log-probs only for ``reference: precomputed``, the one mode that reads
+        them (elsewhere log-probs made with another tokenizer must not drop pairs as ``ref_mismatch``)."""
+        return {"format": "pairs", "layout": self.layout, "num_responses": self.num_responses,
+                "ref_logps": self.reference.mode == "precomputed"}
 
     def build(self, deepspeed_config):
         self.reference.build(deepspeed_config)

@@ -441,7 +441,8 @@ class RewardAccuracyTask:
         if self._encoded is None or self._encoded[1] != spec:
             bb = module.backbone
             encode = Encode(Encoder(bb.tokenizer, bb.processor.chat_template, bb.num_image_tokens),
-                            bb.processor.image_processor, "pairs", self.max_length, spec.get("num_responses", 2))
+                            bb.processor.image_processor, "pairs", self.max_length, spec.get("num_responses", 2),
+                            use_ref_logps=bool(spec.get("ref_logps")))
             examples = []
             for record, images in self.samples_read:
                 try:

@@ -1,10 +1,11 @@
 """``ShardDataModule``: shards -> batches for whichever LightningModule is training, resumable exactly.
 
 The LightningModule says which batches it needs (``batch_spec()``: ``{"format": "sft" | "pairs" | "unpaired" |
-"prompts", ...}``) and owns the backbone whose processor encodes them, so one DataModule config serves SFT, the reward
-model, DPO and PPO. ``train`` / ``val`` default to the embedded shapes world, which ``prepare_data`` generates
-under ``shapes_dir`` when it is missing; point them at your own shards (paths, globs, brace patterns or
-directories) to train on real data.
+"prompts", "ref_logps": bool, ...}``; ``ref_logps``: carry the shards' stored reference log-probs, checked against
+this tokenizer, only for a ``precomputed`` reference) and owns the backbone whose processor encodes them, so one
+DataModule config serves SFT, the reward model, DPO and PPO. ``train`` / ``val`` default to the embedded shapes
+world, which ``prepare_data`` generates under ``shapes_dir`` when it is missing; point them at your own shards
+(paths, globs, brace patterns or directories) to train on real data.
 
 **The stream's position in the checkpoint.** Lightning stores ``state_dict()`` under the DataModule's class name::
 
@@ -272,7 +273,7 @@ class ShardDataModule(L.LightningDataModule):
         bb, spec = self._backbone, self._spec
         encoder = Encoder(bb.tokenizer, bb.processor.chat_template, bb.num_image_tokens)
         return Encode(encoder, bb.processor.image_processor, spec["format"], max_length or self.max_length,
-                      spec.get("num_responses", 2), self.prompt_suffix)
+                      spec.get("num_responses", 2), self.prompt_suffix, use_ref_logps=bool(spec.get("ref_logps")))
 
     def _collate(self):
         fmt, pad = self._spec["format"], self._backbone.tokenizer.pad_token_id

@@ -78,6 +78,9 @@ class Encode:
         max_length: longest sequence in tokens (image tokens included); never cut inside an image.
         num_responses: responses per pair example (2: chosen and rejected; k > 2: the first k ranked candidates).
         prompt_suffix: text appended to the last user turn of every prompt (e.g. SteerLM's attribute request).
+        use_ref_logps: carry a record's stored reference log-probs into ``pairs`` examples, after checking their
+            token counts against this tokenizer (``ref_mismatch``). Only a ``precomputed`` reference reads them
+            (``batch_spec()["ref_logps"]``); any other run ignores them, whatever tokenizer made them.
     """
 
     encoder: Encoder
@@ -86,6 +89,7 @@ class Encode:
     max_length: int = 1024
     num_responses: int = 2
     prompt_suffix: str = ""
+    use_ref_logps: bool = True
 
     def pixels(self, images) -> torch.Tensor:
         if not images:
@@ -128,15 +132,16 @@ class Encode:
         if not isinstance(record, PreferenceRecord):
             raise SampleError("wrong_kind", f"a {record.kind} record is not a preference pair")
         k = self.num_responses
+        stored = (record.ref_logps or {}) if self.use_ref_logps else {}
         if k == 2:
             texts, refs = [record.chosen, record.rejected], None
-            if record.ref_logps and "chosen" in record.ref_logps and "rejected" in record.ref_logps:
-                refs = [record.ref_logps["chosen"], record.ref_logps["rejected"]]
+            if "chosen" in stored and "rejected" in stored:
+                refs = [stored["chosen"], stored["rejected"]]
         else:
             if not record.candidates or len(record.candidates) < k:
                 raise SampleError("few_candidates", f"needs {k} ranked candidates")
             texts = record.candidates[:k]
-            refs = (record.ref_logps or {}).get("candidates")
+            refs = stored.get("candidates")
             refs = refs[:k] if refs and len(refs) >= k else None
         turns = self._prompt(record.prompt, len(images))
         prompt = self.encoder.prompt(turns)
