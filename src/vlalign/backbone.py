@@ -271,9 +271,10 @@ def check_llava_checkpoint(path: str, key: str = "checkpoint"):
         raise ValueError(
             f"{key}: {path} is in the original LLaVA repository layout (model_type {model_type!r}, "
             "LlavaLlamaForCausalLM with mm_projector weights), which transformers does not load: convert it to the "
-            "transformers LLaVA layout first (transformers' models/llava/convert_llava_weights_to_hf.py; merge a "
-            "LoRA adapter and its projector file into the base model before converting); see the README, 'Training "
-            "on a real model and real data'")
+            "transformers LLaVA layout first, offline: python data_prep/convert_checkpoint.py --model "
+            f"{path} --vision <local CLIP vision dir> --out <new dir> (add --lora <adapter dir> for a LoRA "
+            "checkpoint with its non_lora_trainables.bin; the adapter is merged in), then give <new dir> as the "
+            "checkpoint")
     if model_type in LLAVA_FAMILY:
         raise ValueError(f"{key}: {path} has model_type {model_type!r}; this project trains "
                          f"LlavaForConditionalGeneration checkpoints (model_type {' or '.join(LLAVA_MODEL_TYPES)})")
@@ -357,6 +358,122 @@ def load_processor(cfg: BackboneConfig):
     if proc.chat_template is None:
         proc.chat_template = LLAVA_CHAT_TEMPLATE
     return proc
+
+
+def _json_rewrite(path: str, edit):
+    """Apply ``edit(dict) -> dict`` to the JSON file ``path`` (kept UTF-8, indented, key order preserved)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(edit(data), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_llava(model, path: str):
+    """``model.save_pretrained(path)`` (safetensors) with the CLIP tower's weights named as 4.x loaders expect.
+
+    transformers 5.x saves a LLaVA under the ``llava-hf`` names (``language_model.model.*``,
+    ``language_model.lm_head.weight``, ``multi_modal_projector.*``, ``vision_tower.*``) but drops the CLIP tower's
+    ``vision_model.`` level (``vision_tower.encoder.*``; measured with 5.25). 4.x (and serving stacks that follow
+    its names) look for ``vision_tower.vision_model.*`` and would leave the tower randomly initialised, with a
+    warning only. The level is put back in every shard (and the index); 5.x reads the ``llava-hf`` names as well.
+    """
+    import glob
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(path, safe_serialization=True)
+
+    def legacy(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key[len("vision_tower."):]
+        return key
+
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            metadata, keys = f.metadata(), list(f.keys())
+        if all(legacy(k) == k for k in keys):
+            continue
+        tensors = load_file(file)
+        save_file({legacy(k): v for k, v in tensors.items()}, file, metadata=metadata)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        _json_rewrite(index, lambda d: {**d, "weight_map": {legacy(k): v for k, v in d["weight_map"].items()}})
+
+
+def save_processor(processor, path: str):
+    """Save a LLaVA processor so that transformers 5 AND the 4.x loaders read it (what serving stacks still run).
+
+    transformers 5 writes one ``processor_config.json`` with the image processor nested inside, a tokenizer whose
+    ``tokenizer_config.json`` names the class ``TokenizersBackend`` and lists unnamed extra special tokens
+    (``extra_special_tokens: []``, the image token as a top-level ``image_token`` key), and no
+    ``special_tokens_map.json``. transformers 4.x instead needs (read from its loaders, not run here: 4.x is not
+    installed):
+
+    * ``preprocessor_config.json``: ``AutoImageProcessor`` reads only this file; the class is named without the
+      5.x backend suffix (``CLIPImageProcessorPil`` -> ``CLIPImageProcessor``);
+    * ``processor_config.json`` without nested sub-processor dicts: 4.x ``ProcessorMixin.from_args_and_dict`` passes
+      every key that is an ``__init__`` argument on, so a nested ``image_processor`` dict would replace the loaded
+      image processor. Without it transformers 5 loads the image processor from ``preprocessor_config.json``;
+    * ``tokenizer_config.json`` with a class 4.x knows (``LlamaTokenizerFast`` for a Llama tokenizer, else
+      ``PreTrainedTokenizerFast``; both read ``tokenizer.json`` as it is, and 5.x maps both names to its own
+      classes), ``extra_special_tokens`` as a name -> token dict (4.47-4.57 call ``.keys()`` on it: a list fails
+      with "'list' object has no attribute 'keys'"), the chat template inline (4.x tokenizers read it there);
+    * ``special_tokens_map.json`` (bos / eos / unk / pad and the additional special tokens, ``<image>`` among
+      them) and ``chat_template.json`` (the processor's template, for 4.x before ``chat_template.jinja``).
+    """
+    processor.save_pretrained(path)
+    image_processor = processor.image_processor.to_dict()
+    image_processor.pop("processor_class", None)
+    cls = image_processor.get("image_processor_type") or type(processor.image_processor).__name__
+    image_processor["image_processor_type"] = cls.removesuffix("Pil").removesuffix("Fast")
+    image_processor["processor_class"] = type(processor).__name__
+    with open(os.path.join(path, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(image_processor, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    processor_config = os.path.join(path, "processor_config.json")
+    if os.path.isfile(processor_config):
+        _json_rewrite(processor_config, lambda d: {k: v for k, v in d.items() if not isinstance(v, dict)})
+
+    tok = processor.tokenizer
+    standard = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    template = processor.chat_template
+
+    def legacy_tokenizer(cfg: dict) -> dict:
+        cfg["tokenizer_class"] = ("LlamaTokenizerFast" if type(tok).__name__.startswith("Llama")
+                                  else "PreTrainedTokenizerFast")
+        extra = cfg.get("extra_special_tokens")
+        unnamed = [str(t) for t in extra] if isinstance(extra, list) else []
+        # 5.x saves a named extra token (the image token) as its own top-level key
+        named = dict(extra) if isinstance(extra, dict) else {}
+        named.update({k: v for k, v in cfg.items() if k.endswith("_token") and k not in standard
+                      and isinstance(v, str)})
+        if isinstance(getattr(tok, "image_token", None), str):
+            named.setdefault("image_token", tok.image_token)
+        cfg["extra_special_tokens"] = named
+        additional = list(dict.fromkeys([*unnamed, *named.values()]))
+        if additional:
+            cfg["additional_special_tokens"] = additional
+        if template and "chat_template" not in cfg:
+            cfg["chat_template"] = template
+        return cfg
+
+    tokenizer_config = os.path.join(path, "tokenizer_config.json")
+    _json_rewrite(tokenizer_config, legacy_tokenizer)
+    with open(tokenizer_config, encoding="utf-8") as f:
+        additional = json.load(f).get("additional_special_tokens", [])
+    special = {name: str(getattr(tok, name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if getattr(tok, name, None) is not None}
+    if additional:
+        special["additional_special_tokens"] = additional
+    with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    if template:
+        with open(os.path.join(path, "chat_template.json"), "w", encoding="utf-8") as f:
+            json.dump({"chat_template": template}, f, indent=2, ensure_ascii=False)
+            f.write("\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -738,8 +855,10 @@ class Backbone(nn.Module):
     def export_merged(self, path: str, dtype: Optional[str] = None):
         """Save a plain LLaVA checkpoint (LoRA merged in) that loads with transformers alone.
 
-        Loads with ``LlavaForConditionalGeneration.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``.
-        The live model is left untouched (the merged weights are built on the CPU from its state dict).
+        Loads with ``LlavaForConditionalGeneration.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``
+        in transformers 5, and its processor, image processor and tokenizer also with the 4.x loaders that serving
+        stacks use (``save_processor`` writes the legacy files beside the 5.x ones). The live model is left untouched
+        (the merged weights are built on the CPU from its state dict).
         """
         import copy
 
@@ -753,8 +872,8 @@ class Backbone(nn.Module):
             plain = LlavaForConditionalGeneration(config)
         plain.load_state_dict(weights, strict=True, assign=True)
         plain.generation_config = copy.deepcopy(m.generation_config)
-        plain.save_pretrained(path, safe_serialization=True)
-        self.processor.save_pretrained(path)
+        save_llava(plain, path)
+        save_processor(self.processor, path)
 
     def describe(self) -> dict:
         """Parameter counts per part, trainable and total (for logs and tests)."""
