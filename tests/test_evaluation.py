@@ -253,3 +253,23 @@ def test_zero3_on_two_ranks_gives_the_single_process_figures(base, shapes_dir, t
     assert out[3].keys() == out[0].keys()
     for k, v in out[0].items():
         assert out[3][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_at_fit_start_gives_the_baseline_once(base, shapes_dir):
+    """at_fit_start evaluates before the first step (history at step 0), and not again for a resumed run."""
+
+    def fit(ev):
+        dm = ShardDataModule(train=f"{shapes_dir}/preference/train-*.tar", val=None, shapes_dir=shapes_dir,
+                             batch_size=2, num_workers=0, max_length=256)
+        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[ev]).fit(_dpo(base), dm)
+
+    ev = Evaluate([PopeTask(limit=2, batch_size=2, max_new_tokens=2)], every_n_validations=0, at_fit_end=True,
+                  at_fit_start=True, samples=0, plot=False)
+    fit(ev)
+    assert [step for step, _ in ev.history] == [0, 1]
+    resumed = Evaluate([PopeTask(limit=2, batch_size=2, max_new_tokens=2)], every_n_validations=0,
+                       at_fit_end=False, at_fit_start=True, samples=0, plot=False)
+    resumed.load_state_dict(ev.state_dict())
+    fit(resumed)
+    assert [step for step, _ in resumed.history] == [0, 1]  # nothing added: the baseline exists

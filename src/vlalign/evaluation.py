@@ -540,12 +540,14 @@ class Evaluate(L.Callback):
         every_n_validations: evaluate after every N-th validation pass (the sanity check does not count); 0: never
             after validation.
         at_fit_end: evaluate when training ends, unless the last validation already evaluated that step.
+        at_fit_start: evaluate once before the first training step (the "before" of a before / after comparison;
+            not again when a run resumes from a checkpoint).
         samples: rows of each task's text table (TensorBoard only; 0: no table).
         plot: add the plot of the metric history (TensorBoard only).
     """
 
     def __init__(self, tasks: list[EvalTask], every_n_validations: int = 1, at_fit_end: bool = True,
-                 samples: int = 4, plot: bool = True):
+                 samples: int = 4, plot: bool = True, at_fit_start: bool = False):
         if every_n_validations < 0:
             raise ValueError(f"Evaluate.every_n_validations must be >= 0, got {every_n_validations}")
         for t in tasks:
@@ -555,7 +557,7 @@ class Evaluate(L.Callback):
         if len({t.name for t in tasks}) < len(tasks):
             raise ValueError(f"Evaluate.tasks: two tasks share a name: {[t.name for t in tasks]}")
         self.tasks, self.every_n, self.at_fit_end = list(tasks), every_n_validations, at_fit_end
-        self.n_samples, self.plot = samples, plot
+        self.n_samples, self.plot, self.at_fit_start = samples, plot, at_fit_start
         self.active: list[EvalTask] = list(tasks)  # the tasks whose files were found (``setup``)
         self.validations = 0
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -585,6 +587,10 @@ class Evaluate(L.Callback):
             return
         self.validations += 1
         if self.every_n and self.validations % self.every_n == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.at_fit_start and trainer.global_step == 0 and not self.history:  # a resumed run has its baseline
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
