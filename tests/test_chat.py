@@ -53,3 +53,12 @@ def test_truncation_never_cuts_inside_an_image():
     out, _, kept = truncate(ids2, [IGNORE] * len(ids2), 1 + n + 2, img, n)
     assert kept == 1 and out == [1] + [img] * n
     assert image_spans(ids, img) == [(2, 6), (7, 11)]
+
+
+def test_text_around_a_placeholder_is_not_glued(tiny_processor_backbone):
+    """LLaVA's template renders a turn's images first and joins its texts: text on both sides of ``<image>`` keeps
+    the newline the placeholder stood for (Vision-LLM-Alignment's "...doing?\\n<image>\\n### Answer:")."""
+    enc = encoder(tiny_processor_backbone)
+    text = enc.render([{"role": "user", "content": "What is it doing?\n<image>\n### Answer:"}])
+    assert "doing?\n### Answer:" in text and "doing?###" not in text
+    assert enc.render([{"role": "user", "content": "<image>\nQ?"}]) == "USER: <image>\nQ? "

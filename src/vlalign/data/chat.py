@@ -44,10 +44,15 @@ def structured(messages: list[Message]) -> list[dict]:
     out = []
     for m in messages:
         parts = []
-        for i, piece in enumerate(m["content"].split(IMAGE_TOKEN)):
+        pieces = m["content"].split(IMAGE_TOKEN)
+        for i, piece in enumerate(pieces):
             if i:
                 parts.append({"type": "image"})
             piece = piece.strip("\n") if i or IMAGE_TOKEN in m["content"] else piece
+            if piece and any(p.strip("\n") for p in pieces[i + 1:]):
+                # text follows after an image: end this piece with the newline the placeholder stood for, so
+                # templates that render images first and join the texts ("Q?" + "### Answer:") do not glue them
+                piece += "\n"
             if piece:
                 parts.append({"type": "text", "text": piece})
         out.append({"role": m["role"], "content": parts})
