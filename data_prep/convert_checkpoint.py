@@ -64,7 +64,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from vlalign.backbone import (DTYPES, _image_processor, _make_processor, check_llava_checkpoint,  # noqa: E402
+from vlalign.backbone import (DTYPES, clip_image_processor, llava_processor, check_llava_checkpoint,  # noqa: E402
                               save_llava, save_processor)
 from vlalign.checkpoint import atomic_dir  # noqa: E402
 from vlalign.data.chat import LLAVA_CHAT_TEMPLATE  # noqa: E402
@@ -355,8 +355,8 @@ def convert(model_dir: str, out: str, vision_dir: Optional[str] = None, lora_dir
     try:
         image_processor = AutoImageProcessor.from_pretrained(vision_dir, local_files_only=True)
     except (OSError, ValueError):
-        image_processor = _image_processor(vision.image_size)
-    processor = _make_processor(tok, image_processor, vision.patch_size, LLAVA_CHAT_TEMPLATE)
+        image_processor = clip_image_processor(vision.image_size)
+    processor = llava_processor(tok, image_processor, vision.patch_size, LLAVA_CHAT_TEMPLATE)
     with atomic_dir(out) as tmp:
         save_llava(model, tmp)
         save_processor(processor, tmp)

@@ -42,6 +42,20 @@ def shapes_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(autouse=True)
+def _shared_shapes_world_is_not_rebuilt(request):
+    """Fail the test that rebuilds the session's shapes world (e.g. by passing it as ``data.shapes_dir`` with
+    ``data.train: shapes``: ensure_shapes then rebuilds it at the CLI's sizes), which changes every later test's data.
+    Read it as shards instead (``data.train: <dir>/sft/train-*.tar``)."""
+    if "shapes_dir" not in request.fixturenames:
+        yield
+        return
+    manifest = os.path.join(request.getfixturevalue("shapes_dir"), "manifest.json")
+    before = os.stat(manifest).st_mtime_ns
+    yield
+    assert os.stat(manifest).st_mtime_ns == before, "this test rebuilt the shared shapes world (see conftest.py)"
+
+
 @pytest.fixture(scope="session")
 def tiny_processor_backbone():
     """An unbuilt tiny backbone (processor only): cheap, for data tests."""

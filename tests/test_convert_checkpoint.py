@@ -34,13 +34,13 @@ def _tokenizer(path):
 def _vision(path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from vlalign.backbone import _image_processor
+    from vlalign.backbone import clip_image_processor
 
     torch.manual_seed(1)
     cfg = CLIPVisionConfig(hidden_size=VIS, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=IMG, patch_size=PATCH, projection_dim=VIS)
     CLIPVisionModel(cfg).save_pretrained(path)
-    _image_processor(IMG).save_pretrained(path)
+    clip_image_processor(IMG).save_pretrained(path)
 
 
 def _llama_config(model_type):

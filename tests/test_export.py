@@ -36,7 +36,10 @@ def test_export_command_matches_the_end_of_fit_export(tmp_path, shapes_dir):
 
     runs = tmp_path / "runs"
     cmd = [sys.executable, "src/train.py", "fit", "--config", "conf/sft.yaml", "--trainer.enable_progress_bar", "false",
-           "--data.shapes_dir", shapes_dir, "--data.shapes_train_images", "300", "--data.num_workers", "0",
+           # the session's world read as shards (shapes_dir alone would rebuild it at the CLI's sizes under the
+           # other tests); shapes_dir still serves the evaluation files
+           "--data.train", f"{shapes_dir}/sft/train-*.tar", "--data.val", f"{shapes_dir}/sft/val-*.tar",
+           "--data.shapes_dir", shapes_dir, "--data.num_workers", "0",
            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
            "--trainer.default_root_dir", str(runs / "sft"), "--trainer.logger.init_args.save_dir", str(runs),
            "--model.init_args.backbone.lora.r", "4", "--model.init_args.export_dir", str(runs / "sft" / "export")]

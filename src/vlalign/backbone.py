@@ -309,7 +309,7 @@ def _tiny_tokenizer(spec: TinySpec):
                                    padding_side="right", model_max_length=spec.max_positions)
 
 
-def _image_processor(size: int, mean=None, std=None):
+def clip_image_processor(size: int, mean=None, std=None):
     try:  # the PIL backend: identical pixels whether or not torchvision is installed
         from transformers import CLIPImageProcessorPil as cls
     except ImportError:
@@ -320,7 +320,7 @@ def _image_processor(size: int, mean=None, std=None):
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **kw)
 
 
-def _make_processor(tokenizer, image_processor, patch_size: int, template: str):
+def llava_processor(tokenizer, image_processor, patch_size: int, template: str):
     from transformers import LlavaProcessor
 
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
@@ -347,12 +347,12 @@ def load_processor(cfg: BackboneConfig):
 
             ip = AutoImageProcessor.from_pretrained(cfg.vision_checkpoint, local_files_only=True)
         except (OSError, ValueError):
-            ip = _image_processor(vis.image_size)
-        proc = _make_processor(tok, ip, vis.patch_size, LLAVA_CHAT_TEMPLATE)
+            ip = clip_image_processor(vis.image_size)
+        proc = llava_processor(tok, ip, vis.patch_size, LLAVA_CHAT_TEMPLATE)
     else:
         spec = cfg.tiny
         tok = _tiny_tokenizer(spec)
-        proc = _make_processor(tok, _image_processor(spec.image_size), spec.patch_size, TINY_CHAT_TEMPLATE)
+        proc = llava_processor(tok, clip_image_processor(spec.image_size), spec.patch_size, TINY_CHAT_TEMPLATE)
     if cfg.chat_template:
         proc.chat_template = cfg.chat_template
     if proc.chat_template is None:
