@@ -355,7 +355,7 @@ def test_rlaif_v_parquet_and_save_to_disk(tmp_path, images):
                                                  "_split": "train"}))
     (disk / "dataset_info.json").write_text("{}")
     for source in (tmp_path / "RLAIF-V-Dataset_000.parquet", disk):
-        got = _read(_run("rlaif-v", source, images, tmp_path / source.name))
+        got = _read(_run("rlaif-v", source, images, tmp_path / f"out-{source.name}"))
         assert [r.id for r, _ in got] == ["RLAIF-V-0", "RLAIF-V-1", "RLAIF-V-2"]
         assert all(_same_images(ims, [images / n]) for (_, ims), n in zip(got, ("a.png", "c.jpg", "b.png")))
     (tmp_path / "dd").mkdir()
