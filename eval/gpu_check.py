@@ -31,7 +31,6 @@ import argparse
 import glob
 import json
 import os
-import random
 import resource
 import shutil
 import subprocess
@@ -43,6 +42,8 @@ import lightning as L
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from dpo_speed import big_shapes, make_big_checkpoint, write_long_pairs  # noqa: E402  (the 7B-shaped model, one copy)
 
 
 # ---------------------------------------------------------------------------------------------- in-run probe
@@ -212,83 +213,6 @@ def generate_with_transformers(paths: list[str], device: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the big model
-def big_shapes(cpu: bool) -> dict:
-    """LLaVA-1.5-7B's shapes (or, with ``--cpu``, a small stand-in with the same structure)."""
-    if cpu:
-        return dict(image=56, patch=14, v_hidden=64, v_layers=2, v_heads=4, v_inter=256, hidden=128, layers=2,
-                    heads=4, inter=344, vocab=32064)
-    return dict(image=336, patch=14, v_hidden=1024, v_layers=24, v_heads=16, v_inter=4096, hidden=4096, layers=32,
-                heads=32, inter=11008, vocab=32064)
-
-
-def make_big_checkpoint(path: str, cpu: bool) -> dict:
-    """A random-weight LLaVA of ``big_shapes`` saved as bf16 safetensors with the embedded tokenizer's processor."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from vlalign.backbone import Backbone, BackboneConfig, TinySpec
-
-    s = big_shapes(cpu)
-    bb = Backbone(BackboneConfig(tiny=TinySpec(image_size=s["image"], patch_size=s["patch"])))  # processor only
-    tok = bb.tokenizer
-    vision = CLIPVisionConfig(hidden_size=s["v_hidden"], intermediate_size=s["v_inter"], num_hidden_layers=s["v_layers"],
-                              num_attention_heads=s["v_heads"], image_size=s["image"], patch_size=s["patch"],
-                              projection_dim=768)
-    text = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                       num_attention_heads=s["heads"], num_key_value_heads=s["heads"], intermediate_size=s["inter"],
-                       max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=bb.image_token_id,
-                         image_seq_length=(s["image"] // s["patch"]) ** 2)
-    device = "cpu" if cpu else "cuda"
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    n = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(path, max_shard_size="5GB")
-    bb.processor.save_pretrained(path)
-    info = {"params_b": n / 1e9, "bytes_gib": n * 2 / 2**30, "make_seconds": time.perf_counter() - t0}
-    print(f"big checkpoint: {info}", flush=True)
-    return info
-
-
-WORDS = ("the a red blue green yellow circle square triangle star small large object is on left right of above "
-         "below near far next to image shows there one two three and with behind in front").split()
-
-
-def write_long_pairs(pattern: str, n: int, image: int, tokenizer, seed: int = 0) -> dict:
-    """Synthetic preference pairs shaped like LLaVA instruction data: ~40-token questions, 150-250-token answers."""
-    import numpy as np
-    from PIL import Image
-
-    from vlalign.data.schema import PreferenceRecord
-    from vlalign.data.shards import ShardWriter
-
-    rng = random.Random(seed)
-
-    def text(lo, hi):
-        target = rng.randint(lo, hi)
-        words = []
-        while len(tokenizer(" ".join(words))["input_ids"]) < target:
-            words.extend(rng.choice(WORDS) for _ in range(8))
-        return " ".join(words)
-
-    lengths = []
-    with ShardWriter(pattern, max_count=n) as w:
-        for i in range(n):
-            px = np.random.default_rng(i).integers(0, 255, (image, image, 3), dtype=np.uint8)
-            chosen, rejected = text(150, 250), text(150, 250)
-            lengths.append(len(tokenizer(chosen)["input_ids"]))
-            w.write(PreferenceRecord(f"long{i}", [{"role": "user", "content": "<image>\n" + text(35, 45)}],
-                                     chosen, rejected), [Image.fromarray(px)])
-    return {"pairs": n, "mean_answer_tokens": sum(lengths) / len(lengths)}
-
-
 def parse_benchmark(log: str) -> dict:
     out = {}
     for line in log.splitlines():

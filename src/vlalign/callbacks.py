@@ -3,26 +3,61 @@
 ``Benchmark`` logs, every ``log_every`` optimizer steps, to TensorBoard (``perf/*``):
 
 * ``samples_per_sec`` and ``tokens_per_sec`` (non-pad tokens of the training sequences, image tokens included);
-* ``step_time`` (seconds per training batch, wall clock, synchronised on CUDA);
+* ``step_time``: wall-clock seconds per training batch, **from the end of the previous batch to the end of this
+  one** (synchronised on CUDA), so the wait for the next batch (a data loader that cannot keep up, host-to-device
+  copies, other callbacks' work between steps such as a checkpoint save) is part of it; timing it from the batch's
+  start missed 3-5% on real runs. ``data_wait`` is the part of it spent before the batch started. The clock restarts
+  after each validation pass, and the first batch of a fit is timed from its start;
 * ``tflops_per_sec`` and ``mfu``: model FLOPs from the token and image counts (below) over the measured time,
   divided by the device's peak for the training dtype (Lightning's table of GPU peaks; ``peak_tflops`` overrides
   it, e.g. for a CPU);
 * ``max_memory_gib``: peak CUDA memory allocated (or the process's peak RSS on CPU).
 
-FLOPs per batch, the usual dense-transformer estimate (Kaplan et al. 2020, arXiv 2001.08361; PaLM appendix B for
-attention):
+At the end of ``fit`` it prints ``benchmark: k=v, ...`` (numbers only: ``eval/gpu_check.py`` parses that line) and
+writes the same summary, with what it was measured on, to ``benchmark.json`` in the run directory
+(``trainer.log_dir``: the logger's version directory, else ``default_root_dir``).
 
-    forward = 2 * N_lm * T + 2 * layers * d * sum_i len_i^2 + 2 * N_vision * P
-    training = forward * (2 + f)    f = 1 if the language model's weights train, else ~0 (LoRA)
+FLOPs per batch, the usual dense-transformer estimate of *model* FLOPs (Kaplan et al. 2020, arXiv 2001.08361; PaLM
+appendix B for attention); recomputation by gradient checkpointing is not counted, as MFU conventionally does not:
 
-with N_lm the language model's non-embedding parameters, T the tokens, P the image patches and d the hidden
-size (the middle term: QK^T and AV over the causal half of each sequence); the backward pass costs one forward for activation gradients plus one for weight gradients when those are
-trained. Modules whose step runs extra forwards (a DPO reference pass, PPO rollouts) report them through
-``extra_forward_flops(batch)``.
+    forward(lengths, images) = 2 * N_lm * T + 2 * layers * d * sum_i len_i^2  +  2 * N_vision * P * images
+    training = lm_forward * (2 + f)  +  vision_forward * (1 + 2 v)  +  extra_forward_flops(batch)
+
+with N_lm the language model's non-embedding parameters (LoRA's and ``lm_head`` included), T the non-pad tokens,
+len_i each row's length, d the hidden size (the middle term: QK^T and AV over the causal half of each row), N_vision
+the CLIP tower's parameters and P its patches per image. The backward pass costs one forward for the activation
+gradients plus, when the language model's own weights train (f = 1; f = 0 under LoRA), one for the weight gradients;
+the vision tower runs backward only when it trains (v = 1, ``train_vision``). ``lm_head`` is counted on every token
+although this project projects only the response / label positions onto the vocabulary (an overcount of
+2 * vocab * d per unlabelled token, ~2% at LLaVA-1.5-7B scale).
+
+What each algorithm's count covers:
+
+======  ==============================================================  ===========================================
+module  counted                                                         not counted
+======  ==============================================================  ===========================================
+SFT     the batch's sequences, forward + backward                       nothing
+reward  the batch's rows (plain: k rows per example; packed: one),      the value head (hidden x 1 per row)
+        forward + backward
+DPO     the policy's rows, forward + backward; the reference pass       the reference pass under ``precomputed``
+        (``extra_forward_flops``: one forward of the same rows, images  (none runs) and for reference-free losses
+        again only when they are not shared) for ``adapter`` / ``copy``
+KTO     the policy's rows (own + mismatched completion), forward +      the reference pass: ``KTOModule`` has no
+        backward                                                        ``extra_forward_flops`` (it should reuse
+                                                                        DPO's)
+PPO     a forward + backward over the *prompt* batch only               rollout generation, the reward model, the
+                                                                        reference and critic passes, the update
+                                                                        epochs over the responses: ``PPOModule``
+                                                                        has no ``extra_forward_flops``, so its
+                                                                        TFLOP/s and MFU are far too low; read its
+                                                                        samples/s and step time instead
+======  ==============================================================  ===========================================
 """
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import time
 from typing import Optional
@@ -54,8 +89,51 @@ def forward_flops(backbone, lengths: list[int], n_images: int) -> float:
     return 2.0 * n_lm * sum(lengths) + attn + 2.0 * n_vis * patches * n_images
 
 
+def batch_images(batch: dict) -> int:
+    """Images in a batch (rows of its 4D ``pixel_values``)."""
+    pv = batch.get("pixel_values")
+    return int(pv.shape[0]) if isinstance(pv, torch.Tensor) and pv.dim() == 4 else 0
+
+
+def training_flops(module, batch: dict) -> float:
+    """Model FLOPs of one training batch of an ``AlignModule`` (the module docstring's ``training``; 0 when its
+    backbone is not built or the batch has no sequences)."""
+    bb = getattr(module, "backbone", None)
+    _, _, lengths = batch_counts(batch)
+    if bb is None or not bb.built or not lengths:
+        return 0.0
+    cfg = bb.config
+    lm_trains = cfg.train_language and cfg.lora.r == 0 and cfg.adapter is None
+    flops = forward_flops(bb, lengths, 0) * (3 if lm_trains else 2)
+    flops += forward_flops(bb, [], batch_images(batch)) * (3 if cfg.train_vision else 1)
+    extra = getattr(module, "extra_forward_flops", None)
+    return flops + (extra(batch) if extra is not None else 0.0)
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Peak dense FLOP/s of one ``device`` for ``dtype``: Lightning's table, then ``EXTRA_PEAK_TFLOPS``; None on CPU
+    or for an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    peak = get_available_flops(device, dtype)
+    name = torch.cuda.get_device_name(device).lower()
+    if peak is None and dtype != torch.float32:
+        peak = next((t * 1e12 for key, t in EXTRA_PEAK_TFLOPS.items() if key in name), None)
+    return peak
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device`` since the last reset, or the process's peak RSS on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Benchmark(L.Callback):
-    """Throughput, MFU and memory, logged every ``log_every`` steps and summarised at the end of ``fit``.
+    """Throughput, MFU and memory, logged every ``log_every`` steps and summarised at the end of ``fit`` (printed and
+    written to ``<run dir>/benchmark.json``). Step time includes the wait for data (see the module docstring).
 
     Args:
         log_every: optimizer steps between logs.
@@ -64,81 +142,77 @@ class Benchmark(L.Callback):
             known GPUs (e.g. H100 SXM bf16 989), none on CPU (then no MFU is logged).
     """
 
+    KEYS = ("time", "wait", "samples", "tokens", "flops", "steps")
+
     def __init__(self, log_every: int = 10, warmup_steps: int = 3, peak_tflops: Optional[float] = None):
         self.log_every, self.warmup_steps, self.peak_tflops = log_every, warmup_steps, peak_tflops
-        self._t0 = None
-        self._window = {"time": 0.0, "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
-        self.summary_totals = {"time": 0.0, "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
+        self._start = None  # this batch's start
+        self._last_end = None  # the previous training batch's end (None: first batch, or after validation)
+        self._window = dict.fromkeys(self.KEYS, 0)
+        self.summary_totals = dict.fromkeys(self.KEYS, 0)
+
+    def _dtype(self, trainer) -> torch.dtype:
+        precision = str(trainer.precision)
+        return torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
 
     def _peak(self, trainer) -> Optional[float]:
         if self.peak_tflops:
             return self.peak_tflops * 1e12
-        device = trainer.strategy.root_device
-        if device.type != "cuda":
-            return None
-        from lightning.fabric.utilities.throughput import get_available_flops
+        return device_peak_flops(trainer.strategy.root_device, self._dtype(trainer))
 
-        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else (
-            torch.float16 if "16" in str(trainer.precision) else torch.float32)
-        peak = get_available_flops(device, dtype)
-        name = torch.cuda.get_device_name(device).lower()
-        if peak is None and dtype != torch.float32:
-            peak = next((t * 1e12 for key, t in EXTRA_PEAK_TFLOPS.items() if key in name), None)
-        return peak
-
-    def _sync(self, trainer):
+    def _now(self, trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._sync(trainer)
-        self._t0 = time.perf_counter()
+        self._start = self._now(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._last_end = None  # a validation pass is not a training step's time
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._last_end = self._now(trainer)  # the next batch's wait for data counts again
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._t0 is None:
+        if self._start is None:
             return
-        self._sync(trainer)
-        dt = time.perf_counter() - self._t0
-        samples, tokens, lengths = batch_counts(batch)
-        pv = batch.get("pixel_values")
-        n_images = int(pv.shape[0]) if isinstance(pv, torch.Tensor) and pv.dim() == 4 else 0
-        bb = getattr(pl_module, "backbone", None)
-        flops = 0.0
-        if bb is not None and bb.built and lengths:
-            fwd = forward_flops(bb, lengths, n_images)
-            lm_trains = pl_module.backbone.config.train_language and pl_module.backbone.config.lora.r == 0
-            flops = fwd * (2 + (1 if lm_trains else 0))
-            extra = getattr(pl_module, "extra_forward_flops", None)
-            if extra is not None:
-                flops += extra(batch)
+        end = self._now(trainer)
+        began = self._last_end if self._last_end is not None else self._start
+        dt, wait = end - began, self._start - began
+        self._last_end = end
+        samples, tokens, _ = batch_counts(batch)
+        flops = training_flops(pl_module, batch)
         w = self._window
-        for k, v in (("time", dt), ("samples", samples), ("tokens", tokens), ("flops", flops), ("steps", 1)):
+        for k, v in zip(self.KEYS, (dt, wait, samples, tokens, flops, 1)):
             w[k] += v
             if trainer.global_step > self.warmup_steps:
                 self.summary_totals[k] += v
         if trainer.global_step % self.log_every == 0 and w["time"] > 0:
             metrics = {"perf/samples_per_sec": w["samples"] / w["time"], "perf/tokens_per_sec": w["tokens"] / w["time"],
-                       "perf/step_time": w["time"] / w["steps"], "perf/tflops_per_sec": w["flops"] / w["time"] / 1e12,
-                       "perf/max_memory_gib": self.memory_gib(trainer)}
+                       "perf/step_time": w["time"] / w["steps"], "perf/data_wait": w["wait"] / w["time"],
+                       "perf/tflops_per_sec": w["flops"] / w["time"] / 1e12,
+                       "perf/max_memory_gib": memory_gib(trainer.strategy.root_device)}
             peak = self._peak(trainer)
             if peak:
                 metrics["perf/mfu"] = w["flops"] / w["time"] / peak
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(1, samples))
-            self._window = {k: 0 if k != "time" else 0.0 for k in w}
+            self._window = dict.fromkeys(self.KEYS, 0)
 
     @staticmethod
     def memory_gib(trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return memory_gib(trainer.strategy.root_device)
 
     def summary(self, trainer) -> dict:
+        """The totals after warm-up as rates (numbers only); ``{}`` when no step was measured after warm-up."""
         t = self.summary_totals
         if not t["time"]:
             return {}
         out = {"steps": t["steps"], "samples_per_sec": t["samples"] / t["time"],
                "tokens_per_sec": t["tokens"] / t["time"], "step_time": t["time"] / t["steps"],
-               "tflops_per_sec": t["flops"] / t["time"] / 1e12, "max_memory_gib": self.memory_gib(trainer)}
+               "data_wait": t["wait"] / t["time"], "tflops_per_sec": t["flops"] / t["time"] / 1e12,
+               "max_memory_gib": self.memory_gib(trainer)}
         peak = self._peak(trainer)
         if peak:
             out["mfu"] = t["flops"] / t["time"] / peak
@@ -146,9 +220,25 @@ class Benchmark(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         s = self.summary(trainer)
-        if s and trainer.is_global_zero:
-            print("benchmark: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in s.items()))
+        if not (s and trainer.is_global_zero):
+            return
+        print("benchmark: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        device = trainer.strategy.root_device
+        peak = self._peak(trainer)
+        record = {**s, "rates_are": "global rank 0's (multiply by world_size for the whole run)",
+                  "world_size": trainer.world_size, "precision": str(trainer.precision),
+                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "peak_tflops": peak / 1e12 if peak else None, "warmup_steps": self.warmup_steps,
+                  "global_step": trainer.global_step, "algorithm": type(pl_module).__name__,
+                  "step_time_includes": "the wait for data: previous batch end to this batch end",
+                  "flops": "model FLOPs per vlalign.callbacks (no recomputation); see its docstring's table"}
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, "benchmark.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
 
 
 def skipped_over_ranks(counts) -> dict[str, int]:
