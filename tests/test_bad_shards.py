@@ -20,6 +20,7 @@ from collections import Counter
 
 import pytest
 from PIL import Image
+from raw_tar import write_tar
 
 from vlalign.data.schema import MAX_JSON_DEPTH, RecordError, loads_record
 from vlalign.data.shards import (DEFAULT_MAX_PIXELS, MAX_MEMBER_BYTES, SampleError, ShardWriter, decode_sample,
@@ -62,16 +63,6 @@ def _write(path, samples) -> str:
         for key, record in samples:
             w.write(record, [_png_bytes()], key=key)
     os.replace(w.paths[0], path)
-    return str(path)
-
-
-def _raw_tar(path, members, fmt=tarfile.PAX_FORMAT) -> str:
-    """A tar of ``(name, bytes)`` members exactly as given (no validation), by Python's tarfile."""
-    with tarfile.open(path, "w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
     return str(path)
 
 
@@ -118,7 +109,7 @@ def build_corpus(root) -> dict[str, tuple[str, list]]:
     members += [("huge.json", json.dumps(_sft("huge")).encode()), ("huge.png", _blank_png(5000, 5000, rows=4))]
     members += [("junk.json", json.dumps(_sft("junk")).encode()), ("junk.png", b"\x89PNG not really")]
     members += _members(_good(["a1"]))
-    corpus["images"] = (_raw_tar(os.path.join(root, "images.tar"), members),
+    corpus["images"] = (write_tar(os.path.join(root, "images.tar"), members),
                         ["a0", ("image_too_large", "bomb"), ("image_too_large", "huge"), ("bad_image", "junk"), "a1"])
 
     # truncation: inside a member, right after the last member, inside the end-of-archive marker
@@ -174,7 +165,7 @@ def build_corpus(root) -> dict[str, tuple[str, list]]:
     members = _members(_good(["u0", "u1"]))
     members.insert(2, ("u0.png", _png_bytes("blue")))  # u0.json, u0.png, u0.png
     members += _members(_good(["u0"]))  # u0 again, later and not adjacent: a new sample
-    corpus["duplicate_member"] = (_raw_tar(os.path.join(root, "dup.tar"), members),
+    corpus["duplicate_member"] = (write_tar(os.path.join(root, "dup.tar"), members),
                                   [("duplicate_member", "u0"), "u1", "u0"])
 
     # text
@@ -193,7 +184,7 @@ def build_corpus(root) -> dict[str, tuple[str, list]]:
                       ("cands", dup_cands), ("latin", latin1)]:
         members += [(f"{key}.json", data), (f"{key}.png", _png_bytes())]
     members += _members(_good(["x1"]))
-    corpus["text"] = (_raw_tar(os.path.join(root, "text.tar"), members),
+    corpus["text"] = (write_tar(os.path.join(root, "text.tar"), members),
                       ["x0", ("bad_json", "sur"), ("bad_json", "deep"), ("non_finite", "nan"), ("non_finite", "inf"),
                        ("identical_pair", "same"), ("identical_pair", "cands"), ("bad_json", "latin"), "x1"])
 
@@ -201,7 +192,7 @@ def build_corpus(root) -> dict[str, tuple[str, list]]:
     evil = pickle.dumps(_Boom(os.path.join(root, "pwned")))
     members = _members(_good(["p0"])) + [("p0.pyd", evil), ("p0.pickle", evil)]
     members += [("p1.pickle", evil)] + _members(_good(["p1"]))[:1] + [("p1.png", _png_bytes())]
-    corpus["pickles"] = (_raw_tar(os.path.join(root, "pickles.tar"), members), ["p0", "p1"])
+    corpus["pickles"] = (write_tar(os.path.join(root, "pickles.tar"), members), ["p0", "p1"])
 
     # names a careless reader would write to: only names here (and never written anywhere)
     members = [("../up.json", json.dumps(_sft("up")).encode()), ("../up.png", _png_bytes()),
@@ -209,9 +200,9 @@ def build_corpus(root) -> dict[str, tuple[str, list]]:
                ("dir/" + "n" * 150 + ".json", json.dumps(_sft("long")).encode()), ("dir/" + "n" * 150 + ".png",
                                                                                  _png_bytes()),
                ("README", b"no extension: not part of any sample"), ("x.__key__", b"cannot overwrite the key")]
-    corpus["names_pax"] = (_raw_tar(os.path.join(root, "names-pax.tar"), members),
+    corpus["names_pax"] = (write_tar(os.path.join(root, "names-pax.tar"), members),
                            ["../up", "/abs/olute", "dir/" + "n" * 150])
-    corpus["names_gnu"] = (_raw_tar(os.path.join(root, "names-gnu.tar"), members, fmt=tarfile.GNU_FORMAT),
+    corpus["names_gnu"] = (write_tar(os.path.join(root, "names-gnu.tar"), members, fmt=tarfile.GNU_FORMAT),
                            ["../up", "/abs/olute", "dir/" + "n" * 150])
     return corpus
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from raw_tar import write_tar
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -111,32 +113,14 @@ def _sample_members(key, answer="A shape.", image=True, bad=None):
     return members + ([(f"{key}.png", b"not an image" if bad == "bad_image" else buf.getvalue())] if image else [])
 
 
-def _tar(path, members, cut_inside=None):
-    """A tar of (name, bytes) members; with ``cut_inside``, the file ends 10 bytes into that member's data."""
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    if cut_inside:
-        with tarfile.open(path) as tar:
-            cut = tar.getmember(cut_inside).offset_data + 10
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-    return str(path)
-
-
 def test_data_monitor_logs_train_and_val_skips_per_reason(tmp_path):
     """conf/sft.yaml's DataMonitor: ``train/skipped``, ``train/skipped/<reason>`` (since the run began) and
     ``val/skipped``, ``val/skipped/<reason>`` (per validation pass) equal the bad samples in the shards, and the
     end of fit prints both."""
     members = [m for i in range(8) for m in _sample_members(f"g{i}")]
     members += _sample_members("b0", bad="bad_image") + _sample_members("b1", bad="bad_json")
-    train = _tar(tmp_path / "train.tar", members + _sample_members("cut"), cut_inside="cut.png")
-    val = _tar(tmp_path / "val.tar", [m for i in range(3) for m in _sample_members(f"v{i}")]
+    train = write_tar(tmp_path / "train.tar", members + _sample_members("cut"), cut_inside="cut.png")
+    val = write_tar(tmp_path / "val.tar", [m for i in range(3) for m in _sample_members(f"v{i}")]
                + _sample_members("b2", bad="bad_image") + _sample_members("b3")[1:])  # b3: an image, no .json
     runs = tmp_path / "runs"
     res = _fit("conf/sft.yaml", tmp_path, "--data.train", train, "--data.val", val, "--data.num_workers", "0",
@@ -159,7 +143,7 @@ def test_demo_stage_rerun_resumes_and_changed_settings_restart(tmp_path):
     stage only re-exports, to the same weights); changed settings delete the old run and train anew."""
     import demo
 
-    shards = _tar(tmp_path / "train.tar", [m for i in range(6) for m in _sample_members(f"g{i}")])
+    shards = write_tar(tmp_path / "train.tar", [m for i in range(6) for m in _sample_members(f"g{i}")])
     run_dir = str(tmp_path / "out" / "sft")
     overrides = ["--data.train", shards, "--data.val", shards, "--data.num_workers", "0", "--data.batch_size", "2",
                  "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1"]

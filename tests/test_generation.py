@@ -8,6 +8,7 @@ import tarfile
 from collections import Counter
 
 import pytest
+from raw_tar import write_tar
 import torch
 
 from vlalign.backbone import Backbone, BackboneConfig
@@ -191,16 +192,8 @@ def test_reward_accuracy_counts_bad_samples_and_a_truncated_shard(shapes_dir, re
             record["rejected"] = record["chosen"]  # identical_pair (ShardWriter would refuse to write it)
         members += [(f"k{i}.json", json.dumps(record).encode()), (f"k{i}.png", b"no image" if i == 1 else raw["png"])]
     paths = [str(tmp_path / "p-0.tar"), str(tmp_path / "p-1.tar")]
-    for path, part in zip(paths, (members[:8], members[8:])):
-        with tarfile.open(path, "w") as tar:
-            for name, data in part:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(paths[1]) as tar:
-        cut = tar.getmember("k6.png").offset_data + 10  # inside the last sample's image
-    with open(paths[1], "r+b") as f:
-        f.truncate(cut)
+    write_tar(paths[0], members[:8])
+    write_tar(paths[1], members[8:], cut_inside="k6.png")  # ends inside the last sample's image
     args = ["--reward-model", reward_export[1], "--batch-size", "2", "--device", "cpu", "--no-progress"]
     m = reward_accuracy.main(args + ["--shards", str(tmp_path / "p-*.tar")])
     assert m["skipped"] == {"bad_image": 1, "identical_pair": 1, "shard_truncated": 1} and m["skipped_total"] == 3

@@ -3,12 +3,11 @@
 import io
 import json
 import math
-import tarfile
-
 import lightning as L
 import pytest
 import torch
 from PIL import Image
+from raw_tar import write_tar
 
 from vlalign.backbone import BackboneConfig, LoraSpec
 from vlalign.data.module import ShardDataModule
@@ -90,16 +89,14 @@ def test_packed_and_plain_give_the_same_loss(base, shapes_dir):
 
 def _unpaired_shard(path, n=8):
     """A shard of records of kind "unpaired" (what a converted KTO dataset holds)."""
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            rec = {"kind": "unpaired", "id": f"u{i}", "prompt": "<image>\nWhat colour is the shape?",
-                   "completion": "Red." if i % 3 else "Blue.", "label": i % 3 != 0}
-            img = io.BytesIO()
-            Image.new("RGB", (48, 48), (200, 30, 30)).save(img, format="PNG")
-            for name, data in ((f"u{i:04d}.json", json.dumps(rec).encode()), (f"u{i:04d}.png", img.getvalue())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    img = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(img, format="PNG")
+    members = []
+    for i in range(n):
+        rec = {"kind": "unpaired", "id": f"u{i}", "prompt": "<image>\nWhat colour is the shape?",
+               "completion": "Red." if i % 3 else "Blue.", "label": i % 3 != 0}
+        members += [(f"u{i:04d}.json", json.dumps(rec).encode()), (f"u{i:04d}.png", img.getvalue())]
+    write_tar(path, members)
 
 
 def test_trainable_change_and_frozen_stay_bit_identical(base, tmp_path):

@@ -9,11 +9,11 @@ run's (float32, CPU; LoRA dropout on, so the RNG state matters too).
 
 import io
 import json
-import tarfile
 
 import lightning as L
 import pytest
 from PIL import Image
+from raw_tar import write_tar
 
 from vlalign.data.module import ShardDataModule
 
@@ -28,14 +28,6 @@ def _png(i):
     buf = io.BytesIO()
     Image.new("RGB", (48, 48), (i * 7 % 256, 40, 90)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _good(i):
@@ -60,7 +52,7 @@ def shards(tmp_path_factory):
         members = []
         for it in items:
             members += BAD[it[0]](it[1]) if isinstance(it, tuple) else _good(it)
-        _tar(d / f"r-{s:03d}.tar", members)
+        write_tar(d / f"r-{s:03d}.tar", members)
     (d / "e-000.tar").write_bytes(b"")  # unreadable: alone in a reader's share, that reader yields no batch
     return str(d / "r-*.tar")
 
@@ -166,7 +158,7 @@ def test_batch_size_may_change_other_layout_changes_are_refused(shards, tiny_pro
 def test_skips_are_counted_exactly_in_train_and_val(shards, tiny_processor_backbone, workers, tmp_path):
     """Errors after a reader's last batch, a reader without any batch (a 0-byte shard next to a good one), a
     shard shared by more readers than shards: every good sample arrives once and every error is counted once."""
-    _tar(tmp_path / "a-000.tar", _good(0) + BAD["bad_json"]("x") + _good(1) + BAD["no_json"]("y"))
+    write_tar(tmp_path / "a-000.tar", _good(0) + BAD["bad_json"]("x") + _good(1) + BAD["no_json"]("y"))
     (tmp_path / "a-001.tar").write_bytes(b"")
     for train, expected in ((str(tmp_path / "a-*.tar"), {"bad_json": 1, "no_json": 1, "shard_unreadable": 1}),
                             (str(tmp_path / "a-000.tar"), {"bad_json": 1, "no_json": 1})):

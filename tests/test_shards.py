@@ -2,10 +2,10 @@
 
 import io
 import pickle
-import tarfile
 
 import pytest
 from PIL import Image
+from raw_tar import write_tar
 
 from vlalign.data.schema import RecordError, parse_record, with_images
 from vlalign.data.shards import SampleError, ShardWriter, decode_sample, read_shard
@@ -54,14 +54,6 @@ def test_schema_validation_messages():
         with_images([{"role": "user", "content": "<image> q"}], 2)
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 class _Boom:
     def __init__(self, path):
         self.path = path
@@ -79,7 +71,7 @@ def test_pickle_members_are_never_unpickled(tmp_path, tiny_processor_backbone):
     _img().save(png, format="PNG")
     import json
 
-    _tar(tmp_path / "evil-000.tar", [("k1.json", json.dumps(_sft(1)).encode()), ("k1.png", png.getvalue()),
+    write_tar(tmp_path / "evil-000.tar", [("k1.json", json.dumps(_sft(1)).encode()), ("k1.png", png.getvalue()),
                                      ("k1.pyd", evil), ("k1.pickle", evil), ("k2.pyd", evil),
                                      ("k2.json", json.dumps(_sft(2)).encode()), ("k2.png", png.getvalue())])
     dm = ShardDataModule(train=str(tmp_path / "evil-*.tar"), val=None, batch_size=2, num_workers=0)
@@ -98,7 +90,7 @@ def test_corrupt_image_and_broken_json_name_shard_and_key(tmp_path, tiny_process
     png = io.BytesIO()
     _img().save(png, format="PNG")
     path = tmp_path / "bad-000.tar"
-    _tar(path, [("good.json", json.dumps(_sft(1)).encode()), ("good.png", png.getvalue()),
+    write_tar(path, [("good.json", json.dumps(_sft(1)).encode()), ("good.png", png.getvalue()),
                 ("badimg.json", json.dumps(_sft(2)).encode()), ("badimg.png", b"\x89PNG not really"),
                 ("badjson.json", b'{"kind": "sft", "id": '), ("badjson.png", png.getvalue())])
     with pytest.raises(SampleError, match=r"bad-000\.tar key badimg.*cannot be decoded"):

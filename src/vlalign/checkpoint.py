@@ -137,26 +137,6 @@ def remove_stale_temps(directory: str) -> list[str]:
     return done
 
 
-def atomic_torch_save(obj: Any, path: str):
-    """``torch.save(obj, path)`` such that ``path`` holds either its previous content or all of ``obj``, never a part.
-
-    Written to ``.name.tmp-<pid>`` beside ``path``, flushed and fsync'ed, then ``os.replace``'d onto it.
-    """
-    head = os.path.dirname(os.path.abspath(path))
-    os.makedirs(head, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(head)
-
-
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
     """``with atomic_file(p) as tmp: write(tmp)``: ``p`` holds its previous content or the whole new file, never a
@@ -173,6 +153,15 @@ def atomic_file(path: str) -> Iterator[str]:
         _remove(tmp)
         raise
     _fsync_dir(head)
+
+
+def atomic_torch_save(obj: Any, path: str):
+    """``torch.save(obj, path)`` such that ``path`` holds either its previous content or all of ``obj``, never a part.
+
+    Written to ``.name.tmp-<pid>`` beside ``path``, flushed and fsync'ed, then ``os.replace``'d onto it.
+    """
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def swap_in(staged: str, target: str):
